@@ -1,0 +1,122 @@
+"""Turn the endpoint table into Quart routes: auth, body parsing, handler call, answer."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from pydantic import BaseModel, ValidationError
+from quart import Quart, Response, current_app, jsonify, request, websocket
+
+from ..errors import TrainpulseError, UserError
+from ..jobs.record import Job
+
+API_PREFIX = "/api/v1"
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    method: str  # GET, POST, DELETE, or WEBSOCKET
+    path: str  # relative to /api/v1 unless it starts with "!", which marks an absolute path
+    handler: Handler  # handler(services, body, **path_params)
+    schema: type[BaseModel] | None = None
+    aliases: tuple[str, ...] = ()  # extra absolute paths that reach the same handler
+    job: bool = False  # the handler returns a Job; the answer is the future {request_id}
+    ordered: bool = False  # a rejected request still consumes its seq_id in the model's lane
+
+    def paths(self) -> list[str]:
+        main = self.path[1:] if self.path.startswith("!") else API_PREFIX + self.path
+        return [main, *self.aliases]
+
+
+class AuthError(TrainpulseError):
+    status = 401
+    category = "user"
+
+
+def services():
+    return current_app.extensions["trainpulse"]
+
+
+def check_api_key(headers, args) -> None:
+    expected = services().settings.api_key
+    if not expected:
+        return
+    given = headers.get("X-API-Key") or args.get("api_key") or ""
+    authorization = headers.get("Authorization", "")
+    if not given and authorization.lower().startswith("bearer "):
+        given = authorization[7:]
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise AuthError("missing or invalid API key: send it in the X-API-Key header", field="X-API-Key")
+
+
+async def _parse_body(schema: type[BaseModel] | None) -> tuple[BaseModel | None, Any]:
+    if schema is None:
+        return None, None
+    raw_bytes = await request.get_data()
+    if not raw_bytes.strip():
+        raw: Any = {}
+    else:
+        try:
+            raw = json.loads(raw_bytes)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserError("the request body must be a JSON object")
+    return schema.model_validate(raw), raw
+
+
+def _make_view(endpoint: Endpoint):
+    async def view(**params):
+        check_api_key(request.headers, request.args)
+        raw: Any = None
+        try:
+            body, raw = await _parse_body(endpoint.schema)
+            result = await endpoint.handler(services(), body, **params)
+        except (TrainpulseError, ValidationError):
+            if endpoint.ordered:
+                _release_seq(raw)
+            raise
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, Job):
+            return jsonify({"request_id": result.id, "model_id": result.model_id})
+        return jsonify(result)
+
+    view.__name__ = f"endpoint_{endpoint.name}"
+    return view
+
+
+def _make_websocket_view(endpoint: Endpoint):
+    async def view(**params):
+        check_api_key(websocket.headers, websocket.args)
+        await endpoint.handler(services(), None, **params)
+
+    view.__name__ = f"endpoint_{endpoint.name}"
+    return view
+
+
+def _release_seq(raw: Any) -> None:
+    if isinstance(raw, dict) and isinstance(raw.get("model_id"), str) and isinstance(raw.get("seq_id"), int):
+        services().jobs.reject_seq(raw["model_id"], raw["seq_id"])
+
+
+def register(app: Quart, endpoints: list[Endpoint]) -> None:
+    names = set()
+    for endpoint in endpoints:
+        if endpoint.name in names:
+            raise ValueError(f"duplicate endpoint name {endpoint.name}")
+        names.add(endpoint.name)
+        if endpoint.method == "WEBSOCKET":
+            view = _make_websocket_view(endpoint)
+            for path in endpoint.paths():
+                app.add_websocket(path, endpoint=f"{endpoint.name}:{path}", view_func=view)
+            continue
+        view = _make_view(endpoint)
+        for path in endpoint.paths():
+            app.add_url_rule(path, endpoint=f"{endpoint.name}:{path}", view_func=view, methods=[endpoint.method])

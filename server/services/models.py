@@ -1,0 +1,214 @@
+"""Training models: LoRA adapters on a base model, and the jobs that train, save and load them.
+
+Each method submits a job and returns its record at once. `present` turns the backend's result
+into the wire answer inside the worker thread, so large results never convert on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..engine.backend import AdamParams, Backend, Example, LoraSpec, ModelInfo
+from ..errors import ConflictError, NotFoundError, UserError
+from ..jobs.engine import JobEngine
+from ..jobs.record import Job
+from ..jobs.states import JobKind, Phase
+from ..storage.paths import CheckpointPath, check_name
+from .checkpoints import CheckpointService
+from .sessions import SessionService
+
+Present = Callable[[Any], Any]
+
+
+@dataclass
+class TrainingModel:
+    model_id: str
+    session_id: str | None
+    base_model: str
+    lora: LoraSpec
+    created_at: float
+    user_metadata: dict[str, Any] | None = None
+    info: ModelInfo | None = None
+    unloaded: bool = False
+    steps: int = 0  # optimizer steps taken
+    checkpoints: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "session_id": self.session_id, "base_model": self.base_model,
+                "lora_rank": self.lora.rank, "created_at": self.created_at, "unloaded": self.unloaded,
+                "steps": self.steps, "user_metadata": self.user_metadata, "ready": self.info is not None}
+
+
+class ModelService:
+    def __init__(self, backend: Backend, jobs: JobEngine, checkpoints: CheckpointService,
+                 sessions: SessionService, publish: Callable[..., None], catalogue_names: list[str]) -> None:
+        self.backend = backend
+        self.jobs = jobs
+        self.checkpoints = checkpoints
+        self.sessions = sessions
+        self.publish = publish
+        self.catalogue_names = catalogue_names
+        self._models: dict[str, TrainingModel] = {}
+        self._watchers: set[asyncio.Task] = set()
+
+    # ---- registry --------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> TrainingModel:
+        model = self._models.get(model_id)
+        if model is None:
+            raise NotFoundError(f"model {model_id} not found; create it with create_model", field="model_id")
+        if model.unloaded:
+            raise ConflictError(f"model {model_id} was unloaded", field="model_id")
+        return model
+
+    def all(self) -> list[TrainingModel]:
+        return list(self._models.values())
+
+    def info(self, model_id: str) -> TrainingModel:
+        model = self.get(model_id)
+        if model.info is None:
+            raise ConflictError(f"model {model_id} is still being created; wait for its create_model future",
+                                field="model_id")
+        return model
+
+    # ---- jobs ------------------------------------------------------------------------------
+
+    def create_model(self, session_id: str, base_model: str, lora: LoraSpec,
+                     user_metadata: dict[str, Any] | None, present: Present) -> Job:
+        session = self.sessions.get(session_id)
+        model_id = f"model-{uuid.uuid4().hex[:12]}"
+        model = TrainingModel(model_id, session_id, base_model, lora, time.time(), user_metadata)
+        self._models[model_id] = model
+        session.model_ids.append(model_id)
+
+        def work(progress):
+            progress(Phase.LOADING, 0, 1)
+            model.info = self.backend.create_model(model_id, base_model, lora)
+            progress(Phase.LOADING, 1, 1)
+            return present(model)
+
+        job = self.jobs.submit(JobKind.CREATE_MODEL.value, work, model_id=model_id, session_id=session_id,
+                               ordered=False)
+        self._on_done(job, lambda: self.publish("model.created", model.to_dict(), model_id=model_id,
+                                                session_id=session_id))
+        return job
+
+    def unload(self, model_id: str, present: Present) -> Job:
+        model = self.get(model_id)
+
+        def work(progress):
+            self.backend.unload_model(model_id)
+            model.unloaded = True
+            return present(model_id)
+
+        job = self.jobs.submit(JobKind.UNLOAD_MODEL.value, work, model_id=model_id, session_id=model.session_id)
+        self._on_done(job, lambda: self.publish("model.unloaded", {"model_id": model_id}, model_id=model_id))
+        return job
+
+    def forward(self, model_id: str, seq_id: int | None, examples: Callable[[int], list[Example]], loss_fn: str,
+                loss_fn_config: dict[str, float] | None, present: Present, *, backward: bool,
+                timeout_s: float | None = None) -> Job:
+        model = self.info(model_id)
+        vocab_size = model.info.vocab_size
+
+        def work(progress):
+            progress(Phase.PREPARING, 0, 1)
+            batch = examples(vocab_size)
+            run = self.backend.forward_backward if backward else self.backend.forward
+            return present(run(model_id, batch, loss_fn, loss_fn_config, progress))
+
+        kind = JobKind.FORWARD_BACKWARD if backward else JobKind.FORWARD
+        return self.jobs.submit(kind.value, work, model_id=model_id, session_id=model.session_id, seq_id=seq_id,
+                                timeout_s=timeout_s)
+
+    def optim_step(self, model_id: str, seq_id: int | None, params: AdamParams, present: Present,
+                   timeout_s: float | None = None) -> Job:
+        model = self.info(model_id)
+
+        def work(progress):
+            metrics = self.backend.optim_step(model_id, params, progress)
+            model.steps += 1
+            return present(metrics)
+
+        return self.jobs.submit(JobKind.OPTIM_STEP.value, work, model_id=model_id, session_id=model.session_id,
+                                seq_id=seq_id, timeout_s=timeout_s)
+
+    def save_weights(self, model_id: str, seq_id: int | None, name: str | None, overwrite: bool,
+                     present: Present) -> Job:
+        model = self.info(model_id)
+        path = CheckpointPath(model_id, "weights", check_name(name) if name else f"step-{seq_id or 0:06d}")
+        if self.checkpoints.exists(path) and not overwrite:
+            raise UserError(f"checkpoint {path.uri()} already exists; choose another name or pass overwrite=true",
+                            field="path")
+        return self._save(model, path, seq_id, JobKind.SAVE_WEIGHTS, with_optimizer=True,
+                          present=lambda: present(path.uri()))
+
+    def save_for_sampler(self, model_id: str, seq_id: int | None, name: str | None,
+                         register_sampler: Callable[[str, CheckpointPath], str], present: Present) -> Job:
+        """Save sampler weights; without a name, also open a sampling session on them (path is then null)."""
+        model = self.info(model_id)
+        if name:
+            path = CheckpointPath(model_id, "sampler_weights", check_name(name))
+            return self._save(model, path, seq_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, with_optimizer=False,
+                              present=lambda: present({"path": path.uri(), "sampling_session_id": None}))
+        path = CheckpointPath(model_id, "sampler_weights", f"ephemeral-{seq_id or 0:06d}-{uuid.uuid4().hex[:8]}")
+
+        def answer():
+            sampler_id = register_sampler(model.base_model, path)
+            return present({"path": None, "sampling_session_id": sampler_id})
+
+        return self._save(model, path, seq_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, with_optimizer=False,
+                          present=answer)
+
+    def load_weights(self, model_id: str, seq_id: int | None, uri: str, with_optimizer: bool,
+                     present: Present) -> Job:
+        model = self.info(model_id)
+        path, metadata = self.checkpoints.resolve(uri)
+        if metadata.get("base_model") != model.base_model:
+            raise UserError(f"checkpoint {uri} was trained on {metadata.get('base_model')}, "
+                            f"but model {model_id} uses {model.base_model}", field="path")
+        if with_optimizer and path.kind != "weights":
+            raise UserError(f"checkpoint {uri} holds sampler weights without optimizer state; "
+                            "load a tinker://.../weights/... path or pass optimizer=false", field="optimizer")
+        directory = self.checkpoints.directory(path)
+
+        def work(progress):
+            self.backend.load_adapter(model_id, directory, with_optimizer, progress)
+            return present(uri)
+
+        return self.jobs.submit(JobKind.LOAD_WEIGHTS.value, work, model_id=model_id, session_id=model.session_id,
+                                seq_id=seq_id)
+
+    def _save(self, model: TrainingModel, path: CheckpointPath, seq_id: int | None, kind: JobKind,
+              with_optimizer: bool, present: Callable[[], Any]) -> Job:
+        directory = self.checkpoints.directory(path)
+
+        def work(progress):
+            self.backend.save_adapter(model.model_id, directory, with_optimizer, progress)
+            self.checkpoints.write_metadata(path, {"model_id": model.model_id, "base_model": model.base_model,
+                                                   "lora_rank": model.lora.rank, "kind": path.kind,
+                                                   "name": path.name, "steps": model.steps,
+                                                   "with_optimizer": with_optimizer})
+            model.checkpoints.append(path.uri())
+            return present()
+
+        job = self.jobs.submit(kind.value, work, model_id=model.model_id, session_id=model.session_id, seq_id=seq_id)
+        self._on_done(job, lambda: self.publish("checkpoint.saved", {"path": path.uri(), "kind": path.kind},
+                                                model_id=model.model_id, session_id=model.session_id))
+        return job
+
+    def _on_done(self, job: Job, on_success: Callable[[], None]) -> None:
+        """Run on_success on the event loop once the job succeeds."""
+
+        async def watch():
+            await job.done.wait()
+            if job.state.value == "succeeded":
+                on_success()
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
