@@ -7,7 +7,7 @@ request is rejected.
 
 from __future__ import annotations
 
-from . import futures, jobs, models, sampling, schemas, service, sessions, training
+from . import futures, jobs, live, models, sampling, schemas, service, sessions, training
 from .registrar import Endpoint
 
 ENDPOINTS: list[Endpoint] = [
@@ -56,4 +56,8 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("list_jobs", "GET", "/jobs", jobs.list_jobs),
     Endpoint("get_job", "GET", "/jobs/<job_id>", jobs.get_job),
     Endpoint("cancel_job", "POST", "/jobs/<job_id>/cancel", jobs.cancel_job),
+    # Live events
+    Endpoint("events", "GET", "/events", live.events),
+    Endpoint("job_events", "GET", "/jobs/<job_id>/events", live.job_events),
+    Endpoint("events_websocket", "WEBSOCKET", "/ws", live.events_websocket),
 ]
