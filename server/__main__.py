@@ -31,6 +31,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
     parser.add_argument("--storage-dir", type=Path, help="folder for the database, checkpoints and model cache")
     parser.add_argument("--data-dir", type=Path, help="folder of server-side datasets (default <storage>/data)")
+    parser.add_argument("--cache-dir", type=Path, help="folder of converted models (default <storage>/model-cache)")
     parser.add_argument("--models", help="comma-separated model catalogue")
     parser.add_argument("--api-key", help="require this key in X-API-Key")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
@@ -40,7 +41,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     models = tuple(part.strip() for part in args.models.split(",") if part.strip()) if args.models else None
     return settings_from_env({"host": args.host, "port": args.port, "storage_dir": args.storage_dir,
-                              "data_dir": args.data_dir, "models": models, "api_key": args.api_key,
+                              "data_dir": args.data_dir, "cache_dir": args.cache_dir, "models": models, "api_key": args.api_key,
                               "log_level": args.log_level, "worker_threads": args.worker_threads})
 
 

@@ -19,6 +19,7 @@ from .engine.catalogue import Catalogue
 from .events.hub import EventHub
 from .jobs.engine import JobEngine, JobLimits
 from .services.checkpoints import CheckpointService
+from .services.metrics import MetricHistory
 from .services.models import ModelService
 from .services.sampling import SamplingService
 from .services.sessions import SessionService
@@ -39,6 +40,7 @@ class Services:
     checkpoints: CheckpointService
     models: ModelService
     sampling: SamplingService
+    history: MetricHistory
     background: set[asyncio.Task]
 
 
@@ -58,9 +60,10 @@ def build_services(settings: Settings, backend: Backend | None = None) -> Servic
     sessions = SessionService()
     checkpoints = CheckpointService(settings.checkpoint_dir)
     names = list(settings.models)
-    models = ModelService(backend, jobs, checkpoints, sessions, hub.publish, names)
+    history = MetricHistory()
+    models = ModelService(backend, jobs, checkpoints, sessions, hub.publish, names, history)
     sampling = SamplingService(backend, jobs, checkpoints, names)
-    return Services(settings, hub, jobs, catalogue, backend, sessions, checkpoints, models, sampling, set())
+    return Services(settings, hub, jobs, catalogue, backend, sessions, checkpoints, models, sampling, history, set())
 
 
 def create_app(settings: Settings, backend: Backend | None = None) -> Quart:

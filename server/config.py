@@ -28,7 +28,7 @@ class Settings:
     max_queued_total: int = 1024  # queued jobs on the whole server before 429
     session_timeout_s: float = 120.0  # a session without heartbeat for this long loses its queued work
     shutdown_grace_s: float = 5.0  # time given to streams and requests to end on shutdown
-    model_cache_dir_override: Path | None = None  # converted models; defaults to <storage_dir>/model-cache
+    cache_dir: Path | None = None  # converted models, shared between storage folders; defaults to <storage_dir>/model-cache
 
     @property
     def database_path(self) -> Path:
@@ -44,8 +44,8 @@ class Settings:
 
     @property
     def model_cache_dir(self) -> Path:
-        if self.model_cache_dir_override is not None:
-            return self.model_cache_dir_override
+        if self.cache_dir is not None:
+            return self.cache_dir
         return self.storage_dir / "model-cache"
 
 

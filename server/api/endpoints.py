@@ -30,9 +30,10 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("unload_model", "POST", "/unload_model", models.unload_model, schemas.ModelRequest, job=True),
     Endpoint("list_models", "GET", "/models", models.list_models),
     Endpoint("get_model", "GET", "/models/<model_id>", models.get_model),
+    Endpoint("metric_history", "GET", "/models/<model_id>/metrics", models.metric_history),
     Endpoint("list_checkpoints", "GET", "/training_runs/<model_id>/checkpoints", models.list_checkpoints),
     # Training
-    Endpoint("forward", "POST", "/forward", training.forward, schemas.ForwardBackwardRequest, job=True,
+    Endpoint("forward", "POST", "/forward", training.forward, schemas.ForwardRequest, job=True,
              ordered=True),
     Endpoint("forward_backward", "POST", "/forward_backward", training.forward_backward,
              schemas.ForwardBackwardRequest, job=True, ordered=True),

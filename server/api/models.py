@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..engine.backend import LoraSpec
 from pathlib import Path
 
+from quart import request
+
 from ..errors import NotFoundError, UserError
 from . import presenters
 
@@ -48,3 +50,16 @@ def _check_base_model(services, name: str) -> None:
         return
     raise NotFoundError(f"base model {name!r} not found; this server has: {', '.join(services.settings.models)}, "
                         "or give the path of a local Hugging Face model folder", field="base_model")
+
+
+async def metric_history(services, body, model_id: str) -> dict:
+    """Return one metric's downsampled history, or the metric names when no name is given."""
+    args = request.args
+    name = args.get("name")
+    if not name:
+        return {"model_id": model_id, "names": services.history.names(model_id)}
+    try:
+        max_points = int(args.get("max_points", "1000"))
+    except ValueError:
+        raise UserError(f"invalid max_points {args.get('max_points')!r}: expected an integer", field="max_points") from None
+    return services.history.series(model_id, name, max_points)

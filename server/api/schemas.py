@@ -114,6 +114,13 @@ class ForwardBackwardRequest(WireModel):
     timeout_s: float | None = Field(default=None, gt=0)
 
 
+class ForwardRequest(WireModel):
+    forward_input: ForwardBackwardInput
+    model_id: str
+    seq_id: int | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
 class AdamParams(WireModel):
     learning_rate: float = Field(default=1e-4, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)

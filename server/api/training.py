@@ -50,8 +50,8 @@ async def forward_backward(services, body):
 
 
 def _submit_forward(services, body, backward: bool):
-    spec = body.forward_backward_input
-    prefix = "forward_backward_input.data"
+    spec = body.forward_backward_input if backward else body.forward_input
+    prefix = "forward_backward_input.data" if backward else "forward_input.data"
     return services.models.forward(
         body.model_id, body.seq_id, lambda vocab_size: to_examples(spec.data, vocab_size, prefix),
         spec.loss_fn, spec.loss_fn_config, presenters.forward_result, backward=backward, timeout_s=body.timeout_s)

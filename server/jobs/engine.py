@@ -214,6 +214,11 @@ class JobEngine:
                 raise JobCancelledError(f"job {job.id} stopped at phase {phase!r}")
             loop.call_soon_threadsafe(self._on_progress, job, phase, completed, total, metrics)
 
+        def publish_metrics(metrics: dict[str, float], step: float) -> None:
+            # Unlike progress(), never raises: the work it reports has already been applied.
+            loop.call_soon_threadsafe(self._on_metrics, job, metrics, step)
+
+        progress.publish_metrics = publish_metrics
         return job.work(progress)
 
     def _on_progress(self, job: Job, phase: str, completed: int, total: int, metrics: dict[str, float] | None) -> None:
@@ -233,8 +238,12 @@ class JobEngine:
         job.touch()
         self._emit("job.progress", job, {"phase": phase, **job.progress.to_dict()})
         if metrics:
-            job.metrics.update(metrics)
-            self._emit("job.metrics", job, {"metrics": dict(metrics), "step": completed, "total": total})
+            self._on_metrics(job, metrics, completed)
+
+    def _on_metrics(self, job: Job, metrics: dict[str, float], step: float) -> None:
+        job.metrics.update(metrics)
+        job.touch()
+        self._emit("job.metrics", job, {"metrics": dict(metrics), "step": step})
 
     # ---- endings ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from ..jobs.record import Job
 from ..jobs.states import JobKind, Phase
 from ..storage.paths import CheckpointPath, check_name
 from .checkpoints import CheckpointService
+from .metrics import MetricHistory
 from .sessions import SessionService
 
 Present = Callable[[Any], Any]
@@ -45,8 +46,10 @@ class TrainingModel:
 
 class ModelService:
     def __init__(self, backend: Backend, jobs: JobEngine, checkpoints: CheckpointService,
-                 sessions: SessionService, publish: Callable[..., None], catalogue_names: list[str]) -> None:
+                 sessions: SessionService, publish: Callable[..., None], catalogue_names: list[str],
+                 history: MetricHistory) -> None:
         self.backend = backend
+        self.history = history
         self.jobs = jobs
         self.checkpoints = checkpoints
         self.sessions = sessions
@@ -118,8 +121,12 @@ class ModelService:
         def work(progress):
             progress(Phase.PREPARING, 0, 1)
             batch = examples(vocab_size)
+            started = time.perf_counter()
             run = self.backend.forward_backward if backward else self.backend.forward
-            return present(run(model_id, batch, loss_fn, loss_fn_config, progress))
+            result = run(model_id, batch, loss_fn, loss_fn_config, progress)
+            if backward:
+                self._report_step_metrics(model, batch, result.metrics, time.perf_counter() - started, progress)
+            return present(result)
 
         kind = JobKind.FORWARD_BACKWARD if backward else JobKind.FORWARD
         return self.jobs.submit(kind.value, work, model_id=model_id, session_id=model.session_id, seq_id=seq_id,
@@ -132,6 +139,10 @@ class ModelService:
         def work(progress):
             metrics = self.backend.optim_step(model_id, params, progress)
             model.steps += 1
+            chart = {_bare(name): value for name, value in metrics.items()}
+            chart.setdefault("learning_rate", params.learning_rate)
+            self.history.record(model_id, model.steps, chart)
+            progress.publish_metrics(chart, model.steps)
             return present(metrics)
 
         return self.jobs.submit(JobKind.OPTIM_STEP.value, work, model_id=model_id, session_id=model.session_id,
@@ -201,6 +212,19 @@ class ModelService:
                                                 model_id=model.model_id, session_id=model.session_id))
         return job
 
+    def _report_step_metrics(self, model: TrainingModel, batch: list[Example], metrics: dict[str, float],
+                             elapsed_s: float, progress) -> None:
+        """Record the loss per weighted token and the throughput of one forward_backward."""
+        tokens = sum(len(example.tokens) for example in batch)
+        weight_sum = sum(float(example.loss_inputs["weights"].abs().sum()) if "weights" in example.loss_inputs
+                         else len(example.tokens) for example in batch)
+        chart = {"tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0}
+        if "loss:sum" in metrics:
+            chart["loss"] = metrics["loss:sum"] / weight_sum if weight_sum else metrics["loss:sum"]
+        step = model.steps + 1  # the optimizer step this gradient feeds
+        self.history.record(model.model_id, step, chart)
+        progress.publish_metrics(chart, step)
+
     def _on_done(self, job: Job, on_success: Callable[[], None]) -> None:
         """Run on_success on the event loop once the job succeeds."""
 
@@ -212,3 +236,8 @@ class ModelService:
         task = asyncio.get_running_loop().create_task(watch())
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+
+def _bare(metric_name: str) -> str:
+    """Drop the `:reduction` suffix of a Tinker metric name."""
+    return metric_name.split(":", 1)[0]
