@@ -7,7 +7,7 @@ request is rejected.
 
 from __future__ import annotations
 
-from . import futures, jobs, live, models, sampling, schemas, service, sessions, training
+from . import futures, jobs, live, models, prometheus, sampling, schemas, service, sessions, sft, training
 from .registrar import Endpoint
 
 ENDPOINTS: list[Endpoint] = [
@@ -18,6 +18,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("server_capabilities", "GET", "/get_server_capabilities", service.server_capabilities),
     Endpoint("telemetry", "POST", "/telemetry", service.telemetry, schemas.TelemetryRequest),
     Endpoint("status", "GET", "/status", service.status),
+    Endpoint("prometheus_metrics", "GET", "!/metrics", prometheus.metrics),
     # Sessions
     Endpoint("create_session", "POST", "/create_session", sessions.create_session, schemas.CreateSessionRequest),
     Endpoint("session_heartbeat", "POST", "/session_heartbeat", sessions.heartbeat, schemas.SessionRequest),
@@ -55,6 +56,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("retrieve_future", "POST", "/retrieve_future", futures.retrieve_future, schemas.RetrieveFutureRequest),
     Endpoint("cancel_future", "POST", "/cancel_future", futures.cancel_future, schemas.CancelFutureRequest),
     Endpoint("list_jobs", "GET", "/jobs", jobs.list_jobs),
+    Endpoint("submit_job", "POST", "/jobs", sft.submit_job),
     Endpoint("get_job", "GET", "/jobs/<job_id>", jobs.get_job),
     Endpoint("cancel_job", "POST", "/jobs/<job_id>/cancel", jobs.cancel_job),
     # Live events
