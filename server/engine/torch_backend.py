@@ -48,7 +48,8 @@ class _Base:
     max_context: int
     lock: threading.RLock = field(default_factory=threading.RLock)
     peft: PeftModel | None = None  # created with the first adapter, wrapping `model` in place
-    training_adapters: set[str] = field(default_factory=set)
+    # Training models on this base, counting those being created. The registry lock guards it.
+    users: int = 0
     # Loaded sampler checkpoints, least recently used first: (folder, weights mtime) -> adapter name.
     samplers: OrderedDict[tuple[str, int], str] = field(default_factory=OrderedDict)
     tokenizer: Any = None
@@ -73,19 +74,26 @@ class TorchBackend:
         self._resolve_model = resolve_model
         self._micro_batch_tokens = micro_batch_tokens
         self._max_loaded_samplers = max_loaded_samplers
-        # Guards the two registries. It is taken before a base lock, never while holding one.
+        # Guards the registries below. It is never held while waiting for a base lock, because
+        # a long forward_backward on one base would then stall every call on every base.
         self._lock = threading.Lock()
         self._bases: dict[str, _Base] = {}
         self._models: dict[str, _TrainingModel] = {}
+        self._creating: set[str] = set()
 
     # Model lifecycle
 
     def create_model(self, model_id: str, base_model: str, lora: LoraSpec) -> ModelInfo:
         config = lora_files.build_lora_config(lora)
         with self._lock:
-            if model_id in self._models:
+            if model_id in self._models or model_id in self._creating:
                 raise ConflictError(f"model {model_id!r} already exists")
             base = self._get_base(base_model)
+            self._creating.add(model_id)
+            base.users += 1  # keeps unload_model from dropping the base while the adapter is added
+
+        state = None
+        try:
             with base.lock:
                 lora_files.check_targets_exist(base.model, config, base_model)
                 adapter = _adapter_name("train", model_id)
@@ -95,10 +103,14 @@ class TorchBackend:
                         base.peft.eval()
                     else:
                         base.peft.add_adapter(adapter, config)
-                base.training_adapters.add(adapter)
-                params = _adapter_parameters(base.peft, adapter)
-            state = _TrainingModel(model_id, base, adapter, config, params)
-            self._models[model_id] = state
+                state = _TrainingModel(model_id, base, adapter, config, _adapter_parameters(base.peft, adapter))
+        finally:
+            with self._lock:
+                self._creating.discard(model_id)
+                if state is None:
+                    base.users -= 1
+                else:
+                    self._models[model_id] = state
         logger.info("created model %s on %s (rank %d, targets %s)", model_id, base_model, config.r,
                     sorted(config.target_modules))
         return self._info(state)
@@ -109,15 +121,17 @@ class TorchBackend:
             if state is None:
                 raise NotFoundError(f"model {model_id!r} not found")
             base = state.base
-            with base.lock:
-                state.unloaded = True
-                state.optimizer = None
-                base.training_adapters.discard(state.adapter)
-                if base.training_adapters:
-                    base.peft.delete_adapter(state.adapter)
-                else:
-                    # Sampler adapters go with the base; a later sample call loads them again.
-                    self._bases.pop(base.spec.name, None)
+            base.users -= 1
+            base_in_use = base.users > 0
+            if not base_in_use:
+                # Sampler adapters go with the base, and a later sample call loads them again.
+                self._bases.pop(base.spec.name, None)
+
+        with base.lock:
+            state.unloaded = True
+            state.optimizer = None
+            if base_in_use:
+                base.peft.delete_adapter(state.adapter)
         logger.info("unloaded model %s", model_id)
 
     def model_info(self, model_id: str) -> ModelInfo:

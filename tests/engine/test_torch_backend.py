@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from server.engine.backend import AdamParams, Example, LoraSpec, SamplingParams, no_progress
 from server.engine.catalogue import TINY_NAME, Catalogue
 from server.engine.torch_backend import TorchBackend
-from server.errors import JobCancelledError, NotFoundError, UserError
+from server.errors import ConflictError, JobCancelledError, NotFoundError, UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -196,6 +196,16 @@ def test_unknown_model_not_found(backend: TorchBackend):
         backend.forward("missing", batch(), "cross_entropy", None, no_progress)
     with pytest.raises(NotFoundError):
         backend.unload_model("missing")
+
+
+def test_create_model_rejects_duplicate_and_unknown_base(backend: TorchBackend):
+    create(backend, "m1")
+
+    with pytest.raises(ConflictError):
+        create(backend, "m1")
+    with pytest.raises(NotFoundError, match="Unknown base model"):
+        backend.create_model("m2", "no/such-model", LoraSpec(rank=4))
+    assert backend.model_info("m1").lora_rank == 4
 
 
 def test_unload_model_drops_adapter_and_base(backend: TorchBackend):
