@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,13 @@ from .engine.backend import Backend
 from .engine.catalogue import Catalogue
 from .events.hub import EventHub
 from .jobs.engine import JobEngine, JobLimits
+from .jobs.store import SqliteJobStore
 from .services.checkpoints import CheckpointService
 from .services.metrics import MetricHistory
 from .services.models import ModelService
 from .services.sampling import SamplingService
 from .services.sessions import SessionService
+from .services.sft import SftService
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +45,19 @@ class Services:
     sampling: SamplingService
     history: MetricHistory
     background: set[asyncio.Task]
+    store: SqliteJobStore | None = None
+    sft: SftService | None = None
 
 
 def build_services(settings: Settings, backend: Backend | None = None) -> Services:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    hub = EventHub()
+    store = SqliteJobStore(settings.database_path, retention_s=settings.retention_s)
+    hub = EventHub(ring_size=settings.event_ring_size, queue_size=settings.event_queue_size)
     jobs = JobEngine(JobLimits(workers=settings.worker_threads, job_timeout_s=settings.job_timeout_s,
                                retention_s=settings.retention_s, seq_gap_timeout_s=settings.seq_gap_timeout_s,
                                max_queued_per_model=settings.max_queued_per_model,
                                max_queued_total=settings.max_queued_total),
-                     publish=hub.publish)
+                     publish=hub.publish, store=store)
     catalogue = Catalogue(settings.model_cache_dir)
     if backend is None:
         from .engine.torch_backend import TorchBackend
@@ -61,9 +67,11 @@ def build_services(settings: Settings, backend: Backend | None = None) -> Servic
     checkpoints = CheckpointService(settings.checkpoint_dir)
     names = list(settings.models)
     history = MetricHistory()
-    models = ModelService(backend, jobs, checkpoints, sessions, hub.publish, names, history)
+    models = ModelService(backend, jobs, checkpoints, sessions, hub.publish, names, history, store=store)
     sampling = SamplingService(backend, jobs, checkpoints, names)
-    return Services(settings, hub, jobs, catalogue, backend, sessions, checkpoints, models, sampling, history, set())
+    sft = SftService(backend, jobs, models, checkpoints, history, hub.publish_threadsafe, settings.resolved_data_dir)
+    return Services(settings, hub, jobs, catalogue, backend, sessions, checkpoints, models, sampling, history, set(),
+                    store, sft)
 
 
 def create_app(settings: Settings, backend: Backend | None = None) -> Quart:
@@ -84,6 +92,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Quart:
     @app.before_serving
     async def start() -> None:
         services.hub.bind_loop()
+        await _open_store(services)
         await services.jobs.start()
         task = asyncio.create_task(_watch_sessions(services), name="trainpulse-session-watch")
         services.background.add(task)
@@ -95,9 +104,23 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Quart:
             task.cancel()
         await services.hub.close()
         await services.jobs.stop()
+        if services.store is not None:
+            await asyncio.to_thread(services.store.close)
         logger.info("trainpulse stopped")
 
     return app
+
+
+async def _open_store(services: Services) -> None:
+    """Open the database, fail the jobs the previous process left unfinished, restore its models."""
+    if services.store is None:
+        return
+    started = time.perf_counter()
+    recovered = await asyncio.to_thread(services.store.open)
+    restored = await asyncio.to_thread(services.models.restore)
+    logger.info("store %s opened in %.3f s: %d unfinished jobs of the previous run marked failed, "
+                "%d models restored as not loaded", services.store.path, time.perf_counter() - started, recovered,
+                restored)
 
 
 async def _watch_sessions(services: Services) -> None:

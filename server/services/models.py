@@ -7,10 +7,14 @@ into the wire answer inside the worker thread, so large results never convert on
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 from ..engine.backend import AdamParams, Backend, Example, LoraSpec, ModelInfo
 from ..errors import ConflictError, NotFoundError, UserError
@@ -18,11 +22,19 @@ from ..jobs.engine import JobEngine
 from ..jobs.record import Job
 from ..jobs.states import JobKind, Phase
 from ..storage.paths import CheckpointPath, check_name
-from .checkpoints import CheckpointService
+from .checkpoints import METADATA_FILE, CheckpointService
 from .metrics import MetricHistory
 from .sessions import SessionService
 
+logger = logging.getLogger(__name__)
+
 Present = Callable[[Any], Any]
+
+
+class ModelStore(Protocol):
+    def save_model(self, record: dict[str, Any]) -> None: ...
+
+    def load_models(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -37,18 +49,34 @@ class TrainingModel:
     unloaded: bool = False
     steps: int = 0  # optimizer steps taken
     checkpoints: list[str] = field(default_factory=list)
+    restored: bool = False  # loaded from the store at start, so its adapter is no longer in memory
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "session_id": self.session_id, "base_model": self.base_model,
                 "lora_rank": self.lora.rank, "created_at": self.created_at, "unloaded": self.unloaded,
-                "steps": self.steps, "user_metadata": self.user_metadata, "ready": self.info is not None}
+                "steps": self.steps, "user_metadata": self.user_metadata, "ready": self.info is not None,
+                "loaded": self.info is not None and not self.unloaded, "restored": self.restored,
+                "checkpoints": list(self.checkpoints)}
+
+    def to_record(self) -> dict[str, Any]:
+        """Return the fields that outlive the process, JSON-ready, for the model store."""
+        return {"model_id": self.model_id, "session_id": self.session_id, "base_model": self.base_model,
+                "lora": asdict(self.lora), "created_at": self.created_at, "user_metadata": self.user_metadata,
+                "unloaded": self.unloaded, "steps": self.steps, "checkpoints": list(self.checkpoints)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TrainingModel:
+        return cls(record["model_id"], record["session_id"], record["base_model"], LoraSpec(**record["lora"]),
+                   record["created_at"], record.get("user_metadata"), unloaded=record.get("unloaded", False),
+                   steps=record.get("steps", 0), checkpoints=list(record.get("checkpoints", [])), restored=True)
 
 
 class ModelService:
     def __init__(self, backend: Backend, jobs: JobEngine, checkpoints: CheckpointService,
                  sessions: SessionService, publish: Callable[..., None], catalogue_names: list[str],
-                 history: MetricHistory) -> None:
+                 history: MetricHistory, *, store: ModelStore | None = None) -> None:
         self.backend = backend
+        self.store = store
         self.history = history
         self.jobs = jobs
         self.checkpoints = checkpoints
@@ -73,10 +101,39 @@ class ModelService:
 
     def info(self, model_id: str) -> TrainingModel:
         model = self.get(model_id)
+        if model.restored:
+            raise ConflictError(f"model {model_id} was created by an earlier server run and its adapter is no "
+                                "longer in memory; create a new model and load one of its checkpoints with "
+                                "load_weights", field="model_id")
         if model.info is None:
             raise ConflictError(f"model {model_id} is still being created; wait for its create_model future",
                                 field="model_id")
         return model
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Register the models of earlier runs as not loaded, with the checkpoints found on disk.
+
+        It blocks on database and folder reads, so call it before serving. Returns the number restored.
+        """
+        if self.store is None:
+            return 0
+        repair_checkpoint_folders(self.checkpoints.root)
+        restored = 0
+        for record in self.store.load_models():
+            if record["model_id"] in self._models:
+                continue
+            model = TrainingModel.from_record(record)
+            # The folders decide, because a crash can fall between a checkpoint's metadata and the record.
+            model.checkpoints = [entry["tinker_path"] for entry in self.checkpoints.list_for_model(model.model_id)]
+            self._models[model.model_id] = model
+            restored += 1
+        return restored
+
+    def _persist(self, model: TrainingModel) -> None:
+        if self.store is not None:
+            self.store.save_model(model.to_record())
 
     # ---- jobs ------------------------------------------------------------------------------
 
@@ -87,6 +144,7 @@ class ModelService:
         model = TrainingModel(model_id, session_id, base_model, lora, time.time(), user_metadata)
         self._models[model_id] = model
         session.model_ids.append(model_id)
+        self._persist(model)
 
         def work(progress):
             progress(Phase.LOADING, 0, 1)
@@ -106,6 +164,7 @@ class ModelService:
         def work(progress):
             self.backend.unload_model(model_id)
             model.unloaded = True
+            self._persist(model)
             return present(model_id)
 
         job = self.jobs.submit(JobKind.UNLOAD_MODEL.value, work, model_id=model_id, session_id=model.session_id)
@@ -139,6 +198,7 @@ class ModelService:
         def work(progress):
             metrics = self.backend.optim_step(model_id, params, progress)
             model.steps += 1
+            self._persist(model)
             chart = {_bare(name): value for name, value in metrics.items()}
             chart.setdefault("learning_rate", params.learning_rate)
             self.history.record(model_id, model.steps, chart)
@@ -200,11 +260,14 @@ class ModelService:
 
         def work(progress):
             self.backend.save_adapter(model.model_id, directory, with_optimizer, progress)
+            # The metadata lists the checkpoint, so the tensors must be on disk before it is written.
+            sync_folder(directory)
             self.checkpoints.write_metadata(path, {"model_id": model.model_id, "base_model": model.base_model,
                                                    "lora_rank": model.lora.rank, "kind": path.kind,
                                                    "name": path.name, "steps": model.steps,
                                                    "with_optimizer": with_optimizer})
             model.checkpoints.append(path.uri())
+            self._persist(model)
             return present()
 
         job = self.jobs.submit(kind.value, work, model_id=model.model_id, session_id=model.session_id, seq_id=seq_id)
@@ -236,6 +299,52 @@ class ModelService:
         task = asyncio.get_running_loop().create_task(watch())
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+
+def sync_folder(directory: Path) -> None:
+    """Flush a folder's files and its entry list to disk, so a power loss cannot undo them."""
+    for item in directory.iterdir():
+        if item.is_file():
+            descriptor = os.open(item, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    for folder in (directory, directory.parent):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def repair_checkpoint_folders(root: Path) -> None:
+    """Undo what a crash in the middle of a checkpoint save left behind; run while no save is running.
+
+    The backend writes a checkpoint into a `.<name>.*.tmp` staging folder and, when it overwrites one,
+    moves the old folder to `.<name>.old` first. A crash can leave the staging folder, or the old
+    checkpoint under its `.old` name beside a new folder that has no metadata yet (or none at all).
+    """
+    for kind_folder in root.glob("*/*"):
+        if not kind_folder.is_dir():
+            continue
+        for entry in list(kind_folder.iterdir()):
+            if not entry.is_dir() or not entry.name.startswith("."):
+                continue
+            if entry.name.endswith(".tmp"):
+                shutil.rmtree(entry, ignore_errors=True)
+                logger.info("removed %s, the staging folder of an interrupted checkpoint save", entry)
+            elif entry.name.endswith(".old"):
+                _restore_retired_checkpoint(entry, kind_folder / entry.name[1:-len(".old")])
+
+
+def _restore_retired_checkpoint(retired: Path, target: Path) -> None:
+    if (target / METADATA_FILE).is_file():
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(retired, target)
+    logger.warning("checkpoint %s: a save that overwrote it was interrupted; restored the previous version", target)
 
 
 def _bare(metric_name: str) -> str:
