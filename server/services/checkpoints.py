@@ -7,6 +7,7 @@ atomically first and the metadata last, so every listed checkpoint is complete a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 from ..errors import NotFoundError
 from ..storage.paths import KINDS, CheckpointPath, parse
+
+logger = logging.getLogger(__name__)
 
 METADATA_FILE = "trainpulse.json"
 
@@ -32,7 +35,10 @@ class CheckpointService:
     def write_metadata(self, path: CheckpointPath, metadata: dict[str, Any]) -> None:
         target = self.directory(path) / METADATA_FILE
         temporary = target.with_suffix(".tmp")
-        temporary.write_text(json.dumps({**metadata, "path": path.uri(), "created_at": time.time()}))
+        with open(temporary, "w") as handle:
+            json.dump({**metadata, "path": path.uri(), "created_at": time.time()}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, target)
 
     def read_metadata(self, path: CheckpointPath) -> dict[str, Any]:
@@ -52,13 +58,24 @@ class CheckpointService:
             if not folder.is_dir():
                 continue
             for entry in sorted(folder.iterdir()):
-                if (entry / METADATA_FILE).is_file():
-                    metadata = json.loads((entry / METADATA_FILE).read_text())
+                metadata = _read_listed(entry / METADATA_FILE)
+                if metadata is not None:
                     found.append({"checkpoint_id": f"{kind}/{entry.name}", "checkpoint_type":
                                   "training" if kind == "weights" else "sampler", "tinker_path": metadata["path"],
                                   "time": metadata["created_at"], "size_bytes": _size(entry),
                                   "base_model": metadata.get("base_model")})
         return found
+
+
+def _read_listed(metadata_file: Path) -> dict[str, Any] | None:
+    """Read a checkpoint's metadata; a missing or unreadable file means the checkpoint is not listed."""
+    try:
+        return json.loads(metadata_file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("checkpoint %s skipped: unreadable metadata (%s)", metadata_file.parent, exc)
+        return None
 
 
 def _size(folder: Path) -> int:
