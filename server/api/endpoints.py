@@ -56,7 +56,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("retrieve_future", "POST", "/retrieve_future", futures.retrieve_future, schemas.RetrieveFutureRequest),
     Endpoint("cancel_future", "POST", "/cancel_future", futures.cancel_future, schemas.CancelFutureRequest),
     Endpoint("list_jobs", "GET", "/jobs", jobs.list_jobs),
-    Endpoint("submit_job", "POST", "/jobs", sft.submit_job),
+    Endpoint("submit_job", "POST", "/jobs", sft.submit_job, sft.SftJobRequest),
     Endpoint("get_job", "GET", "/jobs/<job_id>", jobs.get_job),
     Endpoint("cancel_job", "POST", "/jobs/<job_id>/cancel", jobs.cancel_job),
     # Live events
