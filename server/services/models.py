@@ -256,24 +256,28 @@ class ModelService:
 
     def _save(self, model: TrainingModel, path: CheckpointPath, seq_id: int | None, kind: JobKind,
               with_optimizer: bool, present: Callable[[], Any]) -> Job:
-        directory = self.checkpoints.directory(path)
-
         def work(progress):
-            self.backend.save_adapter(model.model_id, directory, with_optimizer, progress)
-            # The metadata lists the checkpoint, so the tensors must be on disk before it is written.
-            sync_folder(directory)
-            self.checkpoints.write_metadata(path, {"model_id": model.model_id, "base_model": model.base_model,
-                                                   "lora_rank": model.lora.rank, "kind": path.kind,
-                                                   "name": path.name, "steps": model.steps,
-                                                   "with_optimizer": with_optimizer})
-            model.checkpoints.append(path.uri())
-            self._persist(model)
+            self.write_checkpoint(model, path, with_optimizer, progress)
             return present()
 
         job = self.jobs.submit(kind.value, work, model_id=model.model_id, session_id=model.session_id, seq_id=seq_id)
         self._on_done(job, lambda: self.publish("checkpoint.saved", {"path": path.uri(), "kind": path.kind},
                                                 model_id=model.model_id, session_id=model.session_id))
         return job
+
+    def write_checkpoint(self, model: TrainingModel, path: CheckpointPath, with_optimizer: bool, progress) -> None:
+        """Write a checkpoint and its metadata; blocking, for worker threads."""
+        directory = self.checkpoints.directory(path)
+        self.backend.save_adapter(model.model_id, directory, with_optimizer, progress)
+        # The metadata lists the checkpoint, so the tensors must be on disk before it is written.
+        sync_folder(directory)
+        self.checkpoints.write_metadata(path, {"model_id": model.model_id, "base_model": model.base_model,
+                                               "lora_rank": model.lora.rank, "kind": path.kind,
+                                               "name": path.name, "steps": model.steps,
+                                               "with_optimizer": with_optimizer})
+        if path.uri() not in model.checkpoints:
+            model.checkpoints.append(path.uri())
+        self._persist(model)
 
     def _report_step_metrics(self, model: TrainingModel, batch: list[Example], metrics: dict[str, float],
                              elapsed_s: float, progress) -> None:

@@ -39,7 +39,7 @@ from ..jobs.states import JobKind, Phase
 from ..storage.paths import CheckpointPath
 from .checkpoints import CheckpointService
 from .metrics import MetricHistory
-from .models import ModelService, TrainingModel, sync_folder
+from .models import ModelService, TrainingModel
 
 logger = logging.getLogger(__name__)
 
@@ -136,19 +136,8 @@ class SftService:
 
         The write takes no progress callback, so a cancel that arrives meanwhile cannot cut it short.
         """
-        # NOTE: this repeats the work of ModelService._save, which exists only as a queued job and so
-        # cannot run inside this one. A public ModelService method for the body would remove the copy.
         path = CheckpointPath(model.model_id, "weights", name)
-        directory = self.checkpoints.directory(path)
-        self.backend.save_adapter(model.model_id, directory, True, no_progress)
-        # The metadata lists the checkpoint, so the tensors must be on disk before it is written.
-        sync_folder(directory)
-        self.checkpoints.write_metadata(path, {"model_id": model.model_id, "base_model": model.base_model,
-                                               "lora_rank": model.lora.rank, "kind": path.kind, "name": path.name,
-                                               "steps": model.steps, "with_optimizer": True})
-        if path.uri() not in model.checkpoints:
-            model.checkpoints.append(path.uri())
-        self.models._persist(model)
+        self.models.write_checkpoint(model, path, True, no_progress)
         self.publish_threadsafe("checkpoint.saved", {"path": path.uri(), "kind": path.kind},
                                 model_id=model.model_id, session_id=model.session_id)
         logger.info("sft: saved %s after %d steps", path.uri(), model.steps)
