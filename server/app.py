@@ -12,6 +12,7 @@ from typing import Any
 from quart import Quart, send_from_directory
 
 from .api import errors as api_errors
+from .api import prometheus
 from .api.endpoints import ENDPOINTS
 from .api.registrar import register
 from .config import Settings
@@ -70,8 +71,11 @@ def build_services(settings: Settings, backend: Backend | None = None) -> Servic
     models = ModelService(backend, jobs, checkpoints, sessions, hub.publish, names, history, store=store)
     sampling = SamplingService(backend, jobs, checkpoints, names)
     sft = SftService(backend, jobs, models, checkpoints, history, hub.publish_threadsafe, settings.resolved_data_dir)
-    return Services(settings, hub, jobs, catalogue, backend, sessions, checkpoints, models, sampling, history, set(),
-                    store, sft)
+    services = Services(settings, hub, jobs, catalogue, backend, sessions, checkpoints, models, sampling, history,
+                        set(), store, sft)
+    # Count job endings from boot, not from the first scrape.
+    prometheus.exporter_for(services)
+    return services
 
 
 def create_app(settings: Settings, backend: Backend | None = None) -> Quart:

@@ -55,31 +55,32 @@ def check_api_key(headers, args) -> None:
         raise AuthError("missing or invalid API key: send it in the X-API-Key header", field="X-API-Key")
 
 
-async def _parse_body(schema: type[BaseModel] | None) -> tuple[BaseModel | None, Any]:
+async def _read_json(schema: type[BaseModel] | None) -> Any:
     if schema is None:
-        return None, None
+        return None
     raw_bytes = await request.get_data()
     if not raw_bytes.strip():
-        raw: Any = {}
-    else:
-        try:
-            raw = json.loads(raw_bytes)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"the request body is not valid JSON: {exc}") from exc
+        return {}
+    try:
+        raw = json.loads(raw_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise UserError("the request body must be a JSON object")
-    return schema.model_validate(raw), raw
+    return raw
 
 
 def _make_view(endpoint: Endpoint):
     async def view(**params):
         check_api_key(request.headers, request.args)
-        raw: Any = None
+        raw = await _read_json(endpoint.schema)
         try:
-            body, raw = await _parse_body(endpoint.schema)
+            body = endpoint.schema.model_validate(raw) if endpoint.schema is not None else None
             result = await endpoint.handler(services(), body, **params)
-        except (TrainpulseError, ValidationError):
-            if endpoint.ordered:
+        except (TrainpulseError, ValidationError) as exc:
+            # The SDK gives up on a 400 or 404, so its seq_id will never come back; it resends
+            # after a 408, 409, 429 or 5xx, so those keep their place in the lane.
+            if endpoint.ordered and getattr(exc, "status", 400) in (400, 404):
                 _release_seq(raw)
             raise
         if isinstance(result, Response):

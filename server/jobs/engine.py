@@ -4,7 +4,7 @@ submit() returns at once with a queued Job. Work of one model runs in seq_id ord
 lane; work without a model (or marked unordered) runs as soon as a worker slot is free. The work
 itself runs in a worker thread and reports progress through a callback that also delivers
 cancellation and deadlines at the next boundary. Every transition updates the record, publishes an
-event and, when a store is attached, persists the record.
+event, calls the listeners and, when a store is attached, persists the record.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from .states import TERMINAL_STATES, JobState, Phase
 logger = logging.getLogger(__name__)
 
 Publish = Callable[..., None]
+# listener(event_type, job, data): called on the event loop for every job event, after the record changed.
+Listener = Callable[[str, Job, dict[str, Any]], None]
 
 
 class JobStore(Protocol):
@@ -57,6 +59,12 @@ class JobEngine:
         self._lanes: dict[str, Lane] = {}
         self._free_queue: list[Job] = []  # queued jobs outside any lane, waiting for a worker slot
         self._running: set[Job] = set()
+        self._listeners: list[Listener] = []
+        # Model ids that ever had a job; a rejected seq_id of any other id opens no lane.
+        self._known_models: set[str] = set()
+        # (model_id, seq_id) rejected with 429 by submit(): the client retries them, so reject_seq keeps the gap.
+        self._retry_expected: set[tuple[str, int]] = set()
+        self._gap_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="trainpulse-job")
         self._slots: asyncio.Semaphore | None = None
@@ -75,15 +83,20 @@ class JobEngine:
         """Stop accepting work: queued jobs end cancelled, running ones are asked to stop."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for timer in self._gap_timers.values():
+            timer.cancel()
         for job in list(self._jobs.values()):
             if job.state is JobState.QUEUED:
                 self._finish(job, JobState.CANCELLED, error=_error("the server is shutting down", "server"))
             elif job.state is JobState.RUNNING:
-                job.stop_reason = JobState.CANCELLED
-                job.stop_flag.set()
+                self._request_stop(job, JobState.CANCELLED)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5.0)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call listener(event_type, job, data) for every later job event, on the event loop."""
+        self._listeners.append(listener)
 
     # ---- submission ------------------------------------------------------------------------
 
@@ -93,12 +106,23 @@ class JobEngine:
         """Queue `work(progress)` as a job and return its record at once.
 
         A retried submission with a seq_id already seen on this model returns the first job.
+        Raises QueueFullError (429) past the per-model or per-server queue limit, except for a
+        seq_id that queued jobs of its model are waiting for, because rejecting it would only stall them.
         """
+        if model_id is not None:
+            self._known_models.add(model_id)
         if model_id is not None and seq_id is not None and ordered:
             seen = self._by_seq.get((model_id, seq_id))
             if seen is not None:
                 return seen
-        self._check_capacity(model_id if ordered else None)
+            if not self._lane(model_id).fills_gap(seq_id):
+                try:
+                    self._check_capacity(model_id)
+                except QueueFullError:
+                    self._retry_expected.add((model_id, seq_id))
+                    raise
+        else:
+            self._check_capacity(model_id if ordered else None)
 
         now = time.time()
         timeout_s = self.limits.job_timeout_s if timeout_s is None else timeout_s
@@ -117,12 +141,21 @@ class JobEngine:
         logger.info("job %s queued: kind=%s model=%s seq=%s", job.id, kind, model_id, seq_id)
 
         assert self._loop is not None, "JobEngine.start() was not awaited"
-        self._loop.call_later(timeout_s, self._on_deadline, job.id)
+        job.deadline_timer = self._loop.call_later(timeout_s, self._on_deadline, job.id)
         self._dispatch()
         return job
 
     def reject_seq(self, model_id: str, seq_id: int) -> None:
-        """Mark a seq_id whose request was rejected, so later seq_ids of the model do not wait for it."""
+        """Mark a seq_id whose request was rejected, so later seq_ids of the model do not wait for it.
+
+        A seq_id that submit() rejected for a full queue stays open, because the client sends it
+        again; if it never does, the lane's gap timeout moves past it.
+        """
+        if (model_id, seq_id) in self._retry_expected:
+            self._retry_expected.discard((model_id, seq_id))
+            return
+        if model_id not in self._known_models:
+            return
         self._lane(model_id).consume(seq_id)
         self._dispatch()
 
@@ -151,10 +184,23 @@ class JobEngine:
             if job is not None:
                 lane.busy = True
                 self._launch(job, lane)
-            elif lane.waiting_on_gap() and self._loop is not None:
-                self._loop.call_later(self.limits.seq_gap_timeout_s, self._dispatch)
+            else:
+                self._arm_gap_timer(lane)
         while self._free_queue:
             self._launch(self._free_queue.pop(0), None)
+
+    def _arm_gap_timer(self, lane: Lane) -> None:
+        """Wake the dispatcher when the lane's gap timeout ends; one timer per lane at most."""
+        wait_s = lane.gap_wait_left_s(self.limits.seq_gap_timeout_s)
+        if wait_s is None or lane.model_id in self._gap_timers or self._loop is None:
+            return
+
+        def on_gap_timeout() -> None:
+            del self._gap_timers[lane.model_id]
+            self._dispatch()
+
+        # The extra millisecond keeps the timer from firing just before the gap timeout measured by the lane has passed.
+        self._gap_timers[lane.model_id] = self._loop.call_later(wait_s + 0.001, on_gap_timeout)
 
     def _launch(self, job: Job, lane: Lane | None) -> None:
         task = asyncio.get_running_loop().create_task(self._run(job, lane), name=f"job-{job.id}")
@@ -179,15 +225,13 @@ class JobEngine:
                     logger.exception("job %s failed with an unexpected error", job.id)
                     self._finish(job, JobState.FAILED, error=_error(f"{type(exc).__name__}: {exc}", "server"))
                 else:
-                    if job.stop_flag.is_set() and job.stop_reason is JobState.TIMED_OUT:
-                        self._finish_stopped(job)
-                    else:
-                        self._finish(job, JobState.SUCCEEDED, result=result)
+                    # The work ran to its end, so its effect on the model is applied even when a cancel or
+                    # the deadline came after its last progress call: report what happened.
+                    self._finish(job, JobState.SUCCEEDED, result=result)
         except Exception as exc:
             # A fault in the bookkeeping itself must still end the job, or its waiters hang.
             logger.exception("job %s: internal error in the job engine", job.id)
             self._finish(job, JobState.FAILED, error=_error(f"internal error: {exc}", "server"))
-            raise
         finally:
             if lane is not None:
                 lane.busy = False
@@ -263,6 +307,9 @@ class JobEngine:
         job.finished_at = now
         job.updated_at = now
         job.work = None
+        if job.deadline_timer is not None:
+            job.deadline_timer.cancel()
+            job.deadline_timer = None
         if state is JobState.SUCCEEDED:
             job.phase = Phase.DONE
             if job.progress.total:
@@ -311,8 +358,7 @@ class JobEngine:
             self._finish(job, JobState.CANCELLED, error=_error(f"job {job.id} was cancelled while queued", "user"))
             self._dispatch()
         else:
-            job.stop_reason = JobState.CANCELLED
-            job.stop_flag.set()
+            self._request_stop(job, JobState.CANCELLED)
             self._save(job)
             self._emit("job.progress", job, {"phase": job.phase, "cancel_requested": True, **job.progress.to_dict()})
         logger.info("job %s cancel requested in state %s", job.id, job.state.value)
@@ -345,8 +391,17 @@ class JobEngine:
             self._finish(job, JobState.TIMED_OUT, error=_timed_out_error(job))
             self._dispatch()
         else:
-            job.stop_reason = JobState.TIMED_OUT
-            job.stop_flag.set()
+            self._request_stop(job, JobState.TIMED_OUT)
+            self._save(job)
+            logger.info("job %s passed its deadline while running; stopping at the next progress boundary",
+                        job.id)
+
+    @staticmethod
+    def _request_stop(job: Job, reason: JobState) -> None:
+        """Ask the worker thread to stop at its next progress call; the first reason given wins."""
+        if job.stop_reason is None:
+            job.stop_reason = reason
+        job.stop_flag.set()
 
     def list_jobs(self, *, model_id: str | None = None, session_id: str | None = None,
                   states: set[str] | None = None, kind: str | None = None) -> list[Job]:
@@ -405,6 +460,12 @@ class JobEngine:
 
     def _emit(self, event_type: str, job: Job, data: dict[str, Any]) -> None:
         self._publish(event_type, data, job_id=job.id, model_id=job.model_id, session_id=job.session_id)
+        for listener in self._listeners:
+            try:
+                listener(event_type, job, data)
+            except Exception:
+                # A broken observer (a metrics exporter, say) must not break job bookkeeping.
+                logger.exception("job listener %r failed on %s for job %s", listener, event_type, job.id)
 
 
 def _error(message: str, category: str) -> dict[str, str]:

@@ -48,11 +48,17 @@ class Lane:
         if seq_id > self.last_seq:
             self.consumed.add(seq_id)
 
+    def fills_gap(self, seq_id: int) -> bool:
+        """Whether seq_id is a missing one that queued later seq_ids of this lane are waiting for."""
+        return seq_id > self.last_seq and bool(self.pending) and seq_id < min(self.pending)
+
     def next_job(self, gap_timeout_s: float) -> Job | None:
         """Pick the job to run next, or None while the lane is busy or waiting on a gap."""
         if self.busy:
             return None
         self._skip_consumed()
+        if not self.pending:
+            self.gap_since = None  # the jobs behind a gap may have been cancelled
         if self.pending:
             lowest = min(self.pending)
             # A seq_id at or below the last one released comes from a new client of the same model.
@@ -68,8 +74,11 @@ class Lane:
             return self.unordered.pop(0)
         return None
 
-    def waiting_on_gap(self) -> bool:
-        return bool(self.pending) and not self.busy and self.gap_since is not None
+    def gap_wait_left_s(self, gap_timeout_s: float) -> float | None:
+        """Seconds until the gap timeout releases the next pending seq_id, or None without a gap."""
+        if not self.pending or self.busy or self.gap_since is None:
+            return None
+        return max(0.0, self.gap_since + gap_timeout_s - time.monotonic())
 
     def _skip_consumed(self) -> None:
         while self.last_seq + 1 in self.consumed:
@@ -80,6 +89,8 @@ class Lane:
         job = self.pending.pop(seq_id)
         self.last_seq = seq_id
         self.gap_since = None
+        # A gap skipped by the timeout leaves consumed seq_ids behind last_seq; they mean nothing now.
+        self.consumed = {consumed for consumed in self.consumed if consumed > seq_id}
         return job
 
     def positions(self) -> list[Job]:

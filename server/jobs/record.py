@@ -46,11 +46,13 @@ class Job:
     finished_at: float | None = None
     cancel_requested: bool = False
     queue_position: int | None = None
-    # Runtime only: the work to run, the flag the worker thread polls, and the waiters' event.
+    # Runtime only: the work to run, the flag the worker thread polls, the waiters' event and the
+    # deadline timer, which ending the job cancels.
     work: Callable[..., Any] | None = field(default=None, repr=False)
     stop_flag: threading.Event = field(default_factory=threading.Event, repr=False)
     stop_reason: JobState | None = field(default=None, repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    deadline_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def is_terminal(self) -> bool:
