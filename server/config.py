@@ -28,6 +28,8 @@ class Settings:
     max_queued_total: int = 1024  # queued jobs on the whole server before 429
     session_timeout_s: float = 120.0  # a session without heartbeat for this long loses its queued work
     shutdown_grace_s: float = 5.0  # time given to streams and requests to end on shutdown
+    event_ring_size: int = 10_000  # recent events kept for replay after a reconnect (Last-Event-ID)
+    event_queue_size: int = 1_000  # undelivered events per subscriber before it is dropped as lagging
     cache_dir: Path | None = None  # converted models, shared between storage folders; defaults to <storage_dir>/model-cache
 
     @property
@@ -87,7 +89,8 @@ def validate(settings: Settings) -> None:
     for name in ("job_timeout_s", "retention_s", "long_poll_s", "seq_gap_timeout_s", "session_timeout_s"):
         if getattr(settings, name) <= 0:
             raise ValueError(f"invalid {name}={getattr(settings, name)}: expected a positive number of seconds")
-    for name in ("worker_threads", "micro_batch_tokens", "max_queued_per_model", "max_queued_total"):
+    for name in ("worker_threads", "micro_batch_tokens", "max_queued_per_model", "max_queued_total",
+                 "event_ring_size", "event_queue_size"):
         if getattr(settings, name) < 1:
             raise ValueError(f"invalid {name}={getattr(settings, name)}: expected at least 1")
     if not settings.models:

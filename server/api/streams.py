@@ -23,6 +23,7 @@ from server.events.hub import DEFAULT_DRAIN_TIMEOUT_S, EventHub, Subscription
 from server.events.types import (
     TERMINAL_JOB_EVENTS,
     TYPE_PREFIX_SUFFIX,
+    Event,
     EventFilter,
     EventType,
 )
@@ -87,6 +88,17 @@ async def sse_response(
     response.headers["X-Accel-Buffering"] = "no"  # turns off nginx proxy buffering for it
     response.timeout = None  # Quart's RESPONSE_TIMEOUT would otherwise cut the stream
     logger.debug("opened event stream (%s, since %s)", event_filter, last_event_id)
+    return response
+
+
+def sse_replay_response(events: list[Event]) -> Response:
+    """Return a `text/event-stream` response that sends `events` and then ends.
+
+    It serves streams whose last event is already known, so it needs no subscription.
+    """
+    frames = b"".join(sse_frame(event) for event in events)
+    response = Response(frames, content_type="text/event-stream")
+    response.headers["Cache-Control"] = "no-store"
     return response
 
 

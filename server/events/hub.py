@@ -241,6 +241,10 @@ class EventHub:
             # The loop has closed, so the server has stopped and no subscriber is left.
             logger.debug("dropped %s event for job %s: the event loop is closed", type, job_id)
 
+    def buffered_events(self, event_filter: EventFilter) -> list[Event]:
+        """Return the events still in the ring buffer that match `event_filter`, oldest first."""
+        return [event for event in self._ring if event_filter.matches(event)]
+
     def subscribe(self, event_filter: EventFilter, *, since: int | None = None) -> Subscription:
         """Subscribe to live events. With `since`, first replay buffered events with id > since.
 
