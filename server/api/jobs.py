@@ -12,7 +12,7 @@ MAX_PAGE = 500
 
 
 async def get_job(services, body, job_id: str) -> dict:
-    job = services.jobs.get(job_id)
+    job = await services.jobs.fetch(job_id)
     return presenters.job_record(job, services.jobs.queue_position(job))
 
 

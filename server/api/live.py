@@ -28,7 +28,7 @@ async def job_events(services, body, job_id: str) -> Response:
     restart), a terminal event rebuilt from the job record ends the stream instead. That event
     carries the hub's latest id, so a reconnect with it gets the 204 below.
     """
-    job = services.jobs.get(job_id)
+    job = await services.jobs.fetch(job_id)
     last_event_id = parse_last_event_id(request.headers, request.args)
     if job.is_terminal and last_event_id is not None:
         # A reconnect after the terminal event: 204 tells EventSource to stop reconnecting.

@@ -324,9 +324,20 @@ class JobEngine:
     # ---- queries and control ---------------------------------------------------------------
 
     def get(self, job_id: str) -> Job:
+        """Find a job in memory or, blocking on disk, in the store; use fetch() on the event loop."""
         job = self._jobs.get(job_id)
         if job is not None:
             return job
+        return self._get_stored(job_id)
+
+    async def fetch(self, job_id: str) -> Job:
+        """Find a job like get(), reading the store in a thread so the event loop never waits on disk."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job
+        return await asyncio.to_thread(self._get_stored, job_id)
+
+    def _get_stored(self, job_id: str) -> Job:
         if self._store is not None:
             if self._store.is_expired(job_id):
                 raise NotFoundError(f"the result of request {job_id} expired after the "
@@ -338,7 +349,7 @@ class JobEngine:
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
         """Wait up to timeout_s for the job to end and return its record, ended or not."""
-        job = self.get(job_id)
+        job = await self.fetch(job_id)
         if not job.is_terminal:
             try:
                 await asyncio.wait_for(job.done.wait(), timeout_s)

@@ -176,8 +176,8 @@ class SqliteJobStore:
             snapshot = self._pending.jobs.get(job_id) or self._in_flight.jobs.get(job_id)
         if snapshot is not None:
             return _job_from_row(dict(zip(_JOB_COLUMNS, snapshot.columns)), result=snapshot.result)
-        # NOTE: this read and the JSON parsing of the result run on the event loop, because the engine
-        # calls load() synchronously. A result of many megabytes stalls the loop while it parses.
+        # NOTE: JobEngine.fetch() calls this in a worker thread, but JobEngine.cancel() still calls it
+        # on the event loop for a job that is no longer in memory (one of an earlier run).
         row = self._read_one(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
         if row is None:
             return None
