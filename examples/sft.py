@@ -8,8 +8,8 @@ Start a server, then run:
 The script uses only the `tinker` SDK (0.22.0). It measures exact-match accuracy on
 examples/data/reviews_eval.jsonl by greedy sampling, trains a LoRA adapter on
 examples/data/reviews_train.jsonl with cross-entropy on the answer tokens, and measures again.
-The SDK requires an API key that starts with "tml-": it is read from TINKER_API_KEY, and a
-trainpulse server accepts the default "tml-trainpulse-local".
+The SDK requires an API key that starts with "tml-". The script reads it from TINKER_API_KEY and
+otherwise sends "tml-trainpulse-local", which a server started without --api-key accepts.
 
 The data comes from examples/data/make_dataset.py. An answer counts as correct only if the
 sampled text, stripped of surrounding whitespace, is exactly "positive" or "negative" as expected.

@@ -191,18 +191,9 @@ def _build_smollm2(target_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     tokenizer = _load_smollm2_tokenizer()
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        _smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32
-    )
-
-    # save_pretrained rejects a model loaded from GGUF, so its weights move to a plain model.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), assign=True)
-    model.tie_weights()
+    # transformers 5.10.4 dequantizes every GGUF tensor on load and keeps no quantization config,
+    # so the loaded model saves as a plain float32 safetensors model.
+    model = AutoModelForCausalLM.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
     _set_end_of_turn(model, tokenizer)
 
     model.save_pretrained(target_dir)
@@ -230,10 +221,17 @@ def _build_tiny_llama(target_dir: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # fork_rng keeps the seeding from changing the random state of other threads' work.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+
+    # The weights are drawn again from a private generator, because the global torch RNG that the
+    # constructor uses may be advanced by other threads at the same time.
+    generator = torch.Generator().manual_seed(TINY_SEED)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, config.initializer_range, generator=generator)
     _set_end_of_turn(model, tokenizer)
 
     model.save_pretrained(target_dir)
