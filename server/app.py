@@ -14,6 +14,7 @@ from quart import Quart, send_from_directory
 from .api import errors as api_errors
 from .api import prometheus
 from .api.endpoints import ENDPOINTS
+from .api.json_provider import FiniteJSONProvider
 from .api.registrar import register
 from .config import Settings
 from .engine.backend import Backend
@@ -69,7 +70,7 @@ def build_services(settings: Settings, backend: Backend | None = None) -> Servic
     names = list(settings.models)
     history = MetricHistory()
     models = ModelService(backend, jobs, checkpoints, sessions, hub.publish, names, history, store=store)
-    sampling = SamplingService(backend, jobs, checkpoints, names)
+    sampling = SamplingService(backend, jobs, checkpoints, names, sessions)
     sft = SftService(backend, jobs, models, checkpoints, history, hub.publish_threadsafe, settings.resolved_data_dir)
     services = Services(settings, hub, jobs, catalogue, backend, sessions, checkpoints, models, sampling, history,
                         set(), store, sft)
@@ -80,6 +81,7 @@ def build_services(settings: Settings, backend: Backend | None = None) -> Servic
 
 def create_app(settings: Settings, backend: Backend | None = None) -> Quart:
     app = Quart(__name__, static_folder=None)
+    app.json = FiniteJSONProvider(app)
     services = build_services(settings, backend)
     app.extensions["trainpulse"] = services
     api_errors.install(app)

@@ -321,11 +321,13 @@ def test_server_default_deadline_times_out_jobs(fresh_server):
     api = Api(server)
     model_id = api.model(api.session())
     job_id = api.submit(model_id, BIG, seq_id=1)
-    behind = api.submit(model_id, 1, seq_id=2)
+    # seq_id 3 waits for the missing seq_id 2 (the gap timeout is 30 s), so it is still queued when
+    # its own deadline passes, however fast the first job ends.
+    behind = api.submit(model_id, 1, seq_id=3)
     done = api.wait_end(job_id, timeout_s=30.0)
     assert done["state"] == "timed_out"
     assert "3.0 s deadline" in done["error"]["message"]
-    # The job queued behind it shares the deadline, counted from its submission.
+    # A queued job gets the same default deadline, counted from its submission.
     queued_out = api.wait_end(behind, timeout_s=10.0)
     assert queued_out["state"] == "timed_out"
     assert queued_out["started_at"] is None

@@ -42,6 +42,7 @@ async def get_model(services, body, model_id: str) -> dict:
 
 
 async def list_checkpoints(services, body, model_id: str) -> dict:
+    services.models.known(model_id)
     return {"checkpoints": services.checkpoints.list_for_model(model_id)}
 
 
@@ -54,6 +55,7 @@ def _check_base_model(services, name: str) -> None:
 
 async def metric_history(services, body, model_id: str) -> dict:
     """Return one metric's downsampled history, or the metric names when no name is given."""
+    services.models.known(model_id)
     args = request.args
     name = args.get("name")
     if not name:

@@ -62,12 +62,20 @@ async def _read_json(schema: type[BaseModel] | None) -> Any:
     if not raw_bytes.strip():
         return {}
     try:
-        raw = json.loads(raw_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(raw_bytes, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the request body is not valid UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
         raise UserError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise UserError("the request body is nested too deeply") from None
     if not isinstance(raw, dict):
         raise UserError("the request body must be a JSON object")
     return raw
+
+
+def _reject_constant(name: str) -> Any:
+    raise UserError(f"the request body contains {name}, which is not valid JSON; send finite numbers")
 
 
 def _make_view(endpoint: Endpoint):

@@ -6,13 +6,33 @@ that add fields keep working; a wrong type or value comes back as a 400 naming t
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+import json
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# Integers reach torch and SQLite, which hold at most 64 bits; a larger value is a 400, not a crash.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+SeqId = Annotated[int, Field(ge=0, le=2**53)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]  # at most a week
+MAX_METADATA_BYTES = 64 * 1024
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # NaN and infinity are rejected: they would poison weights and cannot be written as JSON.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+
+
+def _check_metadata_size(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    if metadata is not None:
+        size = len(json.dumps(metadata))
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"user_metadata is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES}")
+    return metadata
+
+
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata_size)]
 
 
 class EmptyRequest(WireModel):
@@ -25,7 +45,7 @@ class ClientConfigRequest(WireModel):
 
 class CreateSessionRequest(WireModel):
     tags: list[str] = Field(default_factory=list)
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata = None
     sdk_version: str | None = None
     project_id: str | None = None
 
@@ -36,7 +56,7 @@ class SessionRequest(WireModel):
 
 class LoraConfig(WireModel):
     rank: int = Field(ge=1, le=1024)
-    seed: int | None = None
+    seed: Int64 | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -44,9 +64,9 @@ class LoraConfig(WireModel):
 
 class CreateModelRequest(WireModel):
     session_id: str
-    model_seq_id: int | None = None
+    model_seq_id: Int64 | None = None
     base_model: str = Field(min_length=1)
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata = None
     lora_config: LoraConfig | None = None
 
 
@@ -55,11 +75,11 @@ class ModelRequest(WireModel):
 
 
 class TensorData(WireModel):
-    data: list[int] | list[float]
+    data: list[Int64] | list[float]
     dtype: Literal["int64", "float32"]
-    shape: list[int] | None = None
-    sparse_crow_indices: list[int] | None = None
-    sparse_col_indices: list[int] | None = None
+    shape: list[Annotated[int, Field(ge=0, le=2**31)]] | None = None
+    sparse_crow_indices: list[Int64] | None = None
+    sparse_col_indices: list[Int64] | None = None
 
     @model_validator(mode="after")
     def _check_sparse(self) -> "TensorData":
@@ -72,7 +92,7 @@ class TensorData(WireModel):
 
 class EncodedTextChunk(WireModel):
     type: Literal["encoded_text"] = "encoded_text"
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class ImageChunk(WireModel):
@@ -110,19 +130,19 @@ class ForwardBackwardInput(WireModel):
 class ForwardBackwardRequest(WireModel):
     forward_backward_input: ForwardBackwardInput
     model_id: str
-    seq_id: int | None = None
-    timeout_s: float | None = Field(default=None, gt=0)
+    seq_id: SeqId | None = None
+    timeout_s: Seconds | None = None
 
 
 class ForwardRequest(WireModel):
     forward_input: ForwardBackwardInput
     model_id: str
-    seq_id: int | None = None
-    timeout_s: float | None = Field(default=None, gt=0)
+    seq_id: SeqId | None = None
+    timeout_s: Seconds | None = None
 
 
 class AdamParams(WireModel):
-    learning_rate: float = Field(default=1e-4, ge=0)
+    learning_rate: float = Field(default=1e-4, ge=0, le=1e3)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     eps: float = Field(default=1e-12, gt=0)
@@ -133,36 +153,36 @@ class AdamParams(WireModel):
 class OptimStepRequest(WireModel):
     adam_params: AdamParams
     model_id: str
-    seq_id: int | None = None
-    timeout_s: float | None = Field(default=None, gt=0)
+    seq_id: SeqId | None = None
+    timeout_s: Seconds | None = None
 
 
 class SaveWeightsRequest(WireModel):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: SeqId | None = None
+    ttl_seconds: Int64 | None = None
     overwrite: bool = False
 
 
 class SaveWeightsForSamplerRequest(WireModel):
     model_id: str
     path: str | None = None
-    sampling_session_seq_id: int | None = None
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    sampling_session_seq_id: Int64 | None = None
+    seq_id: SeqId | None = None
+    ttl_seconds: Int64 | None = None
 
 
 class LoadWeightsRequest(WireModel):
     model_id: str
     path: str = Field(min_length=1)
     optimizer: bool = False
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class CreateSamplingSessionRequest(WireModel):
     session_id: str
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: Int64 | None = None
     base_model: str | None = None
     model_path: str | None = None
 
@@ -174,11 +194,11 @@ class CreateSamplingSessionRequest(WireModel):
 
 
 class SamplingParams(WireModel):
-    max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
-    stop: Union[str, list[str], list[int], None] = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    seed: Int64 | None = None
+    stop: Union[str, list[str], list[TokenId], None] = None
     temperature: float = Field(default=1.0, ge=0)
-    top_k: int = -1
+    top_k: int = Field(default=-1, ge=-1, le=2**31 - 1)
     top_p: float = Field(default=1.0, gt=0, le=1)
 
 
@@ -189,10 +209,10 @@ class SampleRequest(WireModel):
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = Field(default=0, ge=0, le=100)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: Seconds | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "SampleRequest":

@@ -6,6 +6,7 @@ import torch
 
 from ..engine.backend import AdamParams, Example
 from ..errors import UserError
+from ..storage.paths import SCHEME, check_name, parse
 from . import presenters
 
 
@@ -36,7 +37,7 @@ def _tensor(value, field: str) -> torch.Tensor:
             tensor = torch.tensor(value.data, dtype=dtype)
             if value.shape is not None:
                 tensor = tensor.reshape(value.shape)
-    except (RuntimeError, ValueError, TypeError) as exc:
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise UserError(f"invalid tensor: {exc}", field=field) from exc
     return tensor.flatten() if tensor.dim() > 1 and tensor.shape[0] == 1 else tensor
 
@@ -66,12 +67,13 @@ async def optim_step(services, body):
 
 
 async def save_weights(services, body):
-    return services.models.save_weights(body.model_id, body.seq_id, _name(body.path), body.overwrite,
-                                        presenters.saved_weights)
+    return services.models.save_weights(body.model_id, body.seq_id, _name(body.path, body.model_id, "weights"),
+                                        body.overwrite, presenters.saved_weights)
 
 
 async def save_weights_for_sampler(services, body):
-    return services.models.save_for_sampler(body.model_id, body.seq_id, _name(body.path),
+    return services.models.save_for_sampler(body.model_id, body.seq_id,
+                                            _name(body.path, body.model_id, "sampler_weights"),
                                             services.sampling.register_checkpoint, presenters.saved_sampler_weights)
 
 
@@ -80,8 +82,14 @@ async def load_weights(services, body):
                                         presenters.loaded_weights)
 
 
-def _name(path: str | None) -> str | None:
-    """The SDK sends a bare name; accept a full tinker:// path too and keep its last part."""
+def _name(path: str | None, model_id: str, kind: str) -> str | None:
+    """Take the checkpoint name: the SDK sends a bare name, and a full tinker:// path of this model works too."""
     if not path:
         return None
-    return path.rstrip("/").rsplit("/", 1)[-1]
+    if path.startswith(SCHEME):
+        target = parse(path)
+        if target.model_id != model_id or target.kind != kind:
+            raise UserError(f"path {path!r} names another model or kind; give a bare name or "
+                            f"tinker://{model_id}/{kind}/<name>", field="path")
+        return target.name
+    return check_name(path)

@@ -10,6 +10,7 @@ event, calls the listeners and, when a store is attached, persists the record.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 import uuid
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
-from ..errors import JobCancelledError, NotFoundError, QueueFullError, TrainpulseError
+from ..errors import ConflictError, JobCancelledError, NotFoundError, QueueFullError, TrainpulseError
 from .lanes import Lane
 from .record import Job
 from .states import TERMINAL_STATES, JobState, Phase
@@ -114,6 +115,10 @@ class JobEngine:
         if model_id is not None and seq_id is not None and ordered:
             seen = self._by_seq.get((model_id, seq_id))
             if seen is not None:
+                if seen.kind != kind:
+                    raise ConflictError(f"seq_id {seq_id} of model {model_id} was already used by a {seen.kind} "
+                                        f"request ({seen.id}); send this {kind} with the next seq_id",
+                                        field="seq_id")
                 return seen
             if not self._lane(model_id).fills_gap(seq_id):
                 try:
@@ -263,7 +268,10 @@ class JobEngine:
             loop.call_soon_threadsafe(self._on_metrics, job, metrics, step)
 
         progress.publish_metrics = publish_metrics
-        return job.work(progress)
+        try:
+            return job.work(progress)
+        finally:
+            release_free_memory()
 
     def _on_progress(self, job: Job, phase: str, completed: int, total: int, metrics: dict[str, float] | None) -> None:
         if job.is_terminal:
@@ -341,11 +349,11 @@ class JobEngine:
         if self._store is not None:
             if self._store.is_expired(job_id):
                 raise NotFoundError(f"the result of request {job_id} expired after the "
-                                    f"{self.limits.retention_s:.0f} s retention window")
+                                    f"{self.limits.retention_s:.0f} s retention window", field="request_id")
             stored = self._store.load(job_id)
             if stored is not None:
                 return stored
-        raise NotFoundError(f"request {job_id} not found")
+        raise NotFoundError(f"request {job_id} not found", field="request_id")
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
         """Wait up to timeout_s for the job to end and return its record, ended or not."""
@@ -477,6 +485,29 @@ class JobEngine:
             except Exception:
                 # A broken observer (a metrics exporter, say) must not break job bookkeeping.
                 logger.exception("job listener %r failed on %s for job %s", listener, event_type, job.id)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS after a job.
+
+    Each worker thread allocates large tensors from its own glibc arena, and glibc keeps freed
+    arena memory. Measured with SmolLM2, batch 8 x 100 tokens on 3 threads: 6.4 GB resident
+    without this call, 1.2 GB with it. Elsewhere than glibc it does nothing.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - raises AttributeError outside glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _error(message: str, category: str) -> dict[str, str]:

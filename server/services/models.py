@@ -50,6 +50,7 @@ class TrainingModel:
     steps: int = 0  # optimizer steps taken
     checkpoints: list[str] = field(default_factory=list)
     restored: bool = False  # loaded from the store at start, so its adapter is no longer in memory
+    failure: str | None = None  # why create_model failed; such a model takes no further work
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "session_id": self.session_id, "base_model": self.base_model,
@@ -92,8 +93,17 @@ class ModelService:
         model = self._models.get(model_id)
         if model is None:
             raise NotFoundError(f"model {model_id} not found; create it with create_model", field="model_id")
+        if model.failure is not None:
+            raise ConflictError(f"model {model_id} could not be created: {model.failure}", field="model_id")
         if model.unloaded:
             raise ConflictError(f"model {model_id} was unloaded", field="model_id")
+        return model
+
+    def known(self, model_id: str) -> TrainingModel:
+        """Return a model whatever its state (unloaded, failed or restored); 404 if it never existed."""
+        model = self._models.get(model_id)
+        if model is None:
+            raise NotFoundError(f"model {model_id} not found", field="model_id")
         return model
 
     def all(self) -> list[TrainingModel]:
@@ -139,7 +149,7 @@ class ModelService:
 
     def create_model(self, session_id: str, base_model: str, lora: LoraSpec,
                      user_metadata: dict[str, Any] | None, present: Present) -> Job:
-        session = self.sessions.get(session_id)
+        session = self.sessions.get_open(session_id)
         model_id = f"model-{uuid.uuid4().hex[:12]}"
         model = TrainingModel(model_id, session_id, base_model, lora, time.time(), user_metadata)
         self._models[model_id] = model
@@ -155,8 +165,14 @@ class ModelService:
         job = self.jobs.submit(JobKind.CREATE_MODEL.value, work, model_id=model_id, session_id=session_id,
                                ordered=False)
         self._on_done(job, lambda: self.publish("model.created", model.to_dict(), model_id=model_id,
-                                                session_id=session_id))
+                                                session_id=session_id),
+                      on_failure=lambda: self._mark_failed(model, job))
         return job
+
+    def _mark_failed(self, model: TrainingModel, job: Job) -> None:
+        model.failure = (job.error or {}).get("message", f"create_model ended {job.state.value}")
+        model.unloaded = True
+        self._persist(model)
 
     def unload(self, model_id: str, present: Present) -> Job:
         model = self.get(model_id)
@@ -292,13 +308,16 @@ class ModelService:
         self.history.record(model.model_id, step, chart)
         progress.publish_metrics(chart, step)
 
-    def _on_done(self, job: Job, on_success: Callable[[], None]) -> None:
-        """Run on_success on the event loop once the job succeeds."""
+    def _on_done(self, job: Job, on_success: Callable[[], None],
+                 on_failure: Callable[[], None] | None = None) -> None:
+        """Run on_success (or on_failure) on the event loop once the job ends."""
 
         async def watch():
             await job.done.wait()
             if job.state.value == "succeeded":
                 on_success()
+            elif on_failure is not None:
+                on_failure()
 
         task = asyncio.get_running_loop().create_task(watch())
         self._watchers.add(task)

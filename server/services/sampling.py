@@ -19,6 +19,7 @@ from ..jobs.record import Job
 from ..jobs.states import JobKind
 from ..storage.paths import CheckpointPath
 from .checkpoints import CheckpointService
+from .sessions import SessionService
 
 
 @dataclass
@@ -36,14 +37,17 @@ class SamplerSession:
 
 class SamplingService:
     def __init__(self, backend: Backend, jobs: JobEngine, checkpoints: CheckpointService,
-                 catalogue_names: list[str]) -> None:
+                 catalogue_names: list[str], sessions: SessionService | None = None) -> None:
         self.backend = backend
+        self.sessions = sessions
         self.jobs = jobs
         self.checkpoints = checkpoints
         self.catalogue_names = catalogue_names
         self._samplers: dict[str, SamplerSession] = {}
 
     def create_session(self, session_id: str | None, base_model: str | None, model_path: str | None) -> SamplerSession:
+        if session_id is not None and self.sessions is not None:
+            self.sessions.get_open(session_id)
         base, adapter_dir = self._resolve_source(base_model, model_path)
         sampler = SamplerSession(f"sampler-{uuid.uuid4().hex[:16]}", session_id, base, model_path, adapter_dir,
                                  time.time())
@@ -86,7 +90,7 @@ class SamplingService:
         if model_path:
             path, metadata = self.checkpoints.resolve(model_path, field="model_path")
             return metadata["base_model"], self.checkpoints.directory(path)
-        if base_model not in self.catalogue_names and not Path(str(base_model)).is_dir():
+        if base_model not in self.catalogue_names and not (Path(str(base_model)) / "config.json").is_file():
             raise NotFoundError(f"base model {base_model!r} not found; this server has: "
                                 f"{', '.join(self.catalogue_names)}", field="base_model")
         return str(base_model), None

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import NotFoundError
+from ..errors import ConflictError, NotFoundError
 
 
 @dataclass
@@ -46,6 +46,13 @@ class SessionService:
             raise NotFoundError(f"session {session_id} not found; create one with create_session", field="session_id")
         return session
 
+    def get_open(self, session_id: str) -> Session:
+        """Return a session that can still take new models and samplers."""
+        session = self.get(session_id)
+        if session.finished_at is not None:
+            raise ConflictError(f"session {session_id} was finished; create a new session", field="session_id")
+        return session
+
     def heartbeat(self, session_id: str) -> Session:
         session = self.get(session_id)
         session.last_heartbeat_at = time.time()
@@ -53,8 +60,10 @@ class SessionService:
         return session
 
     def finish(self, session_id: str) -> Session:
+        """Finish a session; finishing it again keeps the first finish time."""
         session = self.get(session_id)
-        session.finished_at = time.time()
+        if session.finished_at is None:
+            session.finished_at = time.time()
         return session
 
     def all(self) -> list[Session]:

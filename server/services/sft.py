@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 CHECKPOINT_PREFIX = "sft-step-"  # checkpoints are named sft-step-<optimizer steps of the model>
+MAX_SFT_STEPS = 1_000_000  # optimizer steps of one job, given as steps or made by epochs
+MAX_SFT_BATCH_SIZE = 1024  # rows per step; a batch larger than the dataset repeats rows
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,7 @@ class SftService:
         # NOTE: the request still waits for it, so a very large dataset makes POST /jobs slow.
         rows = await asyncio.to_thread(_load_rows, config, source, model.info.tokenizer_dir, max_length)
 
-        if config.steps is not None:
-            total_steps = config.steps
-        else:
-            total_steps = math.ceil(config.epochs * len(rows) / config.batch_size)
+        total_steps = _total_steps(config, len(rows))
         run = _SftRun(self, model, config, rows, total_steps)
         job = self.jobs.submit(JobKind.SFT.value, run, model_id=model.model_id, session_id=model.session_id,
                                seq_id=None, ordered=True, timeout_s=config.timeout_s)
@@ -118,17 +117,24 @@ class SftService:
         if not relative or Path(relative).is_absolute():
             raise UserError(f"invalid dataset path {relative!r}: give a path relative to the server's data folder",
                             field=field)
+        if "\0" in relative:
+            # The operating system cannot take a path with a null byte, and pathlib raises ValueError on it.
+            raise UserError(f"invalid dataset path {relative!r}: it contains a null byte", field=field)
         root = self.data_dir.resolve()
-        # resolve() follows symlinks, so a link that points outside the folder is caught here too.
-        target = (root / relative).resolve()
-        if not target.is_relative_to(root):
-            raise UserError(f"invalid dataset path {relative!r}: it leads outside the server's data folder",
-                            field=field)
-        if not target.exists():
-            raise NotFoundError(f"dataset file {relative!r} not found in the server's data folder {root}",
+        try:
+            # resolve() follows symlinks, so a link that points outside the folder is caught here too.
+            target = (root / relative).resolve()
+            if not target.is_relative_to(root):
+                raise UserError(f"invalid dataset path {relative!r}: it leads outside the server's data folder",
                                 field=field)
-        if not target.is_file():
-            raise UserError(f"invalid dataset path {relative!r}: it is not a file", field=field)
+            if not target.exists():
+                raise NotFoundError(f"dataset file {relative!r} not found in the server's data folder {root}",
+                                    field=field)
+            if not target.is_file():
+                raise UserError(f"invalid dataset path {relative!r}: it is not a file", field=field)
+        except OSError as exc:
+            # For example a name longer than the file system allows (ENAMETOOLONG) or a symlink loop.
+            raise UserError(f"invalid dataset path {relative!r}: {exc.strerror or exc}", field=field) from exc
         return target
 
     def save_checkpoint(self, model: TrainingModel, name: str) -> str:
@@ -228,20 +234,28 @@ class _StepProgress:
 
 
 class _BatchOrder:
-    """Row indices in epochs, each shuffled by one seeded generator. A batch may span two epochs."""
+    """Row indices in epochs, each shuffled by one seeded generator. A batch may span epochs.
+
+    A batch costs O(batch_size), plus one shuffle of O(row_count) each time an epoch starts.
+    """
 
     def __init__(self, row_count: int, batch_size: int, seed: int) -> None:
         self.row_count = row_count
         self.batch_size = batch_size
         self.random = random.Random(seed)
-        self.pending: list[int] = []
+        self.epoch: list[int] = []
+        self.position = 0  # index into self.epoch of the next row to hand out
 
     def next_batch(self) -> list[int]:
-        while len(self.pending) < self.batch_size:
-            epoch = list(range(self.row_count))
-            self.random.shuffle(epoch)
-            self.pending.extend(epoch)
-        batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+        batch: list[int] = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self.epoch):
+                self.epoch = list(range(self.row_count))
+                self.random.shuffle(self.epoch)
+                self.position = 0
+            end = min(len(self.epoch), self.position + self.batch_size - len(batch))
+            batch.extend(self.epoch[self.position:end])
+            self.position = end
         return batch
 
 
@@ -268,6 +282,17 @@ def _check_config(config: SftConfig) -> None:
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"invalid lr_schedule {config.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}",
                         field="lr_schedule")
+
+
+def _total_steps(config: SftConfig, row_count: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    total_steps = math.ceil(config.epochs * row_count / config.batch_size)
+    if total_steps > MAX_SFT_STEPS:
+        raise UserError(f"invalid epochs {config.epochs}: {config.epochs} epochs of {row_count} rows in batches of "
+                        f"{config.batch_size} make {total_steps} steps, more than the limit of {MAX_SFT_STEPS}. "
+                        "Give fewer epochs or a larger batch_size", field="epochs")
+    return total_steps
 
 
 def _max_length(requested: int | None, max_context: int) -> int:
