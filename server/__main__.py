@@ -91,11 +91,15 @@ def demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     base_url = f"http://{settings.host}:{settings.port}"
     env = {**os.environ, "TRAINPULSE_STORAGE_DIR": str(settings.storage_dir)}
-    server = subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", settings.host,
-                               "--port", str(settings.port)], env=env)
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.storage_dir / "server.log"
+    # The server logs to a file so the terminal shows the example's own output.
+    with open(log_path, "ab") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", settings.host,
+                                   "--port", str(settings.port)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         _wait_healthy(base_url, 120, server)
-        print(f"\ntrainpulse is running. Dashboard: {base_url}/\n", flush=True)
+        print(f"\ntrainpulse is running. Dashboard: {base_url}/  (server log: {log_path})\n", flush=True)
         example = [sys.executable, str(REPO_ROOT / "examples" / "sft.py"), "--base-url", base_url,
                    "--steps", str(args.steps)]
         code = subprocess.call(example)
