@@ -14,6 +14,7 @@ from ..errors import TrainpulseError, UserError
 from ..jobs.record import Job
 
 API_PREFIX = "/api/v1"
+PUBLIC_ENDPOINTS = frozenset({"healthz"})  # health probes carry no key
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -80,7 +81,8 @@ def _reject_constant(name: str) -> Any:
 
 def _make_view(endpoint: Endpoint):
     async def view(**params):
-        check_api_key(request.headers, request.args)
+        if endpoint.name not in PUBLIC_ENDPOINTS:
+            check_api_key(request.headers, request.args)
         raw = await _read_json(endpoint.schema)
         try:
             body = endpoint.schema.model_validate(raw) if endpoint.schema is not None else None
