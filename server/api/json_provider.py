@@ -1,4 +1,4 @@
-"""JSON answers that stay valid JSON: NaN and infinity become null.
+"""JSON responses that stay valid JSON: NaN and infinity become null.
 
 A diverged loss is NaN, and Python's json module would write it as a bare `NaN` token that
 browsers and strict parsers reject.

@@ -1,4 +1,4 @@
-"""Turn the endpoint table into Quart routes: auth, body parsing, handler call, answer."""
+"""Turn the endpoint table into Quart routes: auth, body parsing, handler call, response."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class Endpoint:
     handler: Handler  # handler(services, body, **path_params)
     schema: type[BaseModel] | None = None
     aliases: tuple[str, ...] = ()  # extra absolute paths that reach the same handler
-    job: bool = False  # the handler returns a Job; the answer is the future {request_id}
+    job: bool = False  # the handler returns a Job, and the response is the future {request_id}
     ordered: bool = False  # a rejected request still consumes its seq_id in the model's lane
 
     def paths(self) -> list[str]:
@@ -88,8 +88,8 @@ def _make_view(endpoint: Endpoint):
             body = endpoint.schema.model_validate(raw) if endpoint.schema is not None else None
             result = await endpoint.handler(services(), body, **params)
         except (TrainpulseError, ValidationError) as exc:
-            # The SDK gives up on a 400 or 404, so its seq_id will never come back; it resends
-            # after a 408, 409, 429 or 5xx, so those keep their place in the lane.
+            # The SDK gives up after a 400 or 404, so that seq_id will never come back. It resends
+            # after a 408, 409, 429 or 5xx, so those seq_ids keep their place in the lane.
             if endpoint.ordered and getattr(exc, "status", 400) in (400, 404):
                 _release_seq(raw)
             raise
