@@ -1,7 +1,7 @@
 """Training models: LoRA adapters on a base model, and the jobs that train, save and load them.
 
 Each method submits a job and returns its record at once. `present` turns the backend's result
-into the wire answer inside the worker thread, so large results never convert on the event loop.
+into the wire response inside the worker thread, so large results never convert on the event loop.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ class ModelService:
             raise UserError(f"checkpoint {uri} was trained on {metadata.get('base_model')}, "
                             f"but model {model_id} uses {model.base_model}", field="path")
         if with_optimizer and path.kind != "weights":
-            raise UserError(f"checkpoint {uri} holds sampler weights without optimizer state; "
+            raise UserError(f"checkpoint {uri} contains sampler weights without optimizer state; "
                             "load a tinker://.../weights/... path or pass optimizer=false", field="optimizer")
         directory = self.checkpoints.directory(path)
 
