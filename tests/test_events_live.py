@@ -19,6 +19,7 @@ from tinker import types
 from websockets.asyncio.client import connect as ws_connect
 
 from conftest import TINY, RunningServer, make_client
+from server.api.schemas import MAX_METADATA_BYTES
 
 STREAM_LIMIT_S = 120.0  # upper bound for any one stream read, so a broken stream fails the test
 JOB_PHASE_TYPES = {"job.phase", "job.progress", "job.metrics"}
@@ -254,6 +255,53 @@ async def test_resume_with_last_event_id_loses_nothing(trainer):
     assert len(set(combined)) == len(combined)
 
 
+EARLIER_RUN_ID = 10**9  # an event id that this server run has not reached, as if left by an earlier run
+
+
+async def test_resume_with_id_of_earlier_run_starts_with_resync(trainer):
+    server = trainer.server
+    url = server.url(f"/api/v1/events?model={trainer.model_id}")
+    async with new_client() as http:
+        connected = asyncio.Event()
+        reading = asyncio.create_task(read_sse(http, url, headers={"Last-Event-ID": str(EARLIER_RUN_ID)},
+                                               until=succeeded_count(trainer.model_id, 2), connected=connected))
+        await connected.wait()
+        await asyncio.to_thread(trainer.step)
+        events = await reading
+
+    resync, live = events[0], events[1:]
+    assert resync["type"] == "resync"
+    assert "earlier server run" in resync["data"]["reason"]
+    assert resync["id"] < EARLIER_RUN_ID
+    # The stream continues live after the resync, with the events of the step taken meanwhile.
+    assert [event["type"] for event in live if event["type"] == "job.succeeded"] == ["job.succeeded"] * 2
+    assert {event["model_id"] for event in live} == {trainer.model_id}
+    assert live[0]["id"] > resync["id"]
+    assert_ids_increase(live)
+
+
+async def test_ws_since_of_earlier_run_gets_resync_then_live(trainer):
+    url = trainer.server.base_url.replace("http://", "ws://") + "/api/v1/ws"
+    async with asyncio.timeout(STREAM_LIMIT_S), ws_connect(url) as socket_:
+        await socket_.send(json.dumps({"op": "subscribe", "id": "old", "filter": {"model": trainer.model_id},
+                                       "since": EARLIER_RUN_ID}))
+        ack = json.loads(await socket_.recv())
+        step = asyncio.create_task(asyncio.to_thread(trainer.step))
+        events = []
+        while not succeeded_count(trainer.model_id, 2)(events):
+            message = json.loads(await socket_.recv())
+            assert message["op"] == "event", message
+            events.append(message["event"])
+        await step
+
+    assert ack["op"] == "subscribed"
+    assert events[0]["type"] == "resync"
+    assert events[0]["id"] == ack["last_event_id"]
+    assert "earlier server run" in events[0]["data"]["reason"]
+    assert {event["model_id"] for event in events[1:]} == {trainer.model_id}
+    assert events[1]["id"] > events[0]["id"]
+
+
 # ---- retrieve_future -------------------------------------------------------------------------
 
 async def test_retrieve_future_wakes_on_job_end(trainer):
@@ -351,19 +399,20 @@ def open_stalled_stream(server: RunningServer) -> socket.socket:
     return raw
 
 
-def create_bulky_model(server: RunningServer, marker: str) -> None:
-    """Create a model whose model.created event carries 1 MB of user metadata.
+def create_bulky_model(client, marker: str) -> None:
+    """Create a model whose model.created event carries about 63 KB of user metadata, near the limit.
 
     The server's kernel send buffer grows to a few MB on loopback, and only once it is full does
-    the stalled stream stop taking events from its hub queue. Bulky events fill it in a few steps.
+    the stalled stream stop taking events from its hub queue. Bulky events fill it sooner.
     """
-    metadata = {"marker": marker, "padding": "x" * 1_000_000}
-    make_client(server).create_lora_training_client(base_model=TINY, rank=4, user_metadata=metadata)
+    metadata = {"marker": marker, "padding": "x" * (MAX_METADATA_BYTES - 1024)}
+    client.create_lora_training_client(base_model=TINY, rank=4, user_metadata=metadata)
 
 
 async def test_stalled_subscriber_is_dropped_without_delaying_others(fresh_server):
     server = fresh_server(env={"TRAINPULSE_EVENT_QUEUE_SIZE": "16"})
-    max_rounds = 12
+    client = make_client(server)
+    max_rounds = 300  # about 19 MB of events, several times a loopback send buffer
     async with new_client() as http:
         reader_ready = asyncio.Event()
 
@@ -379,18 +428,18 @@ async def test_stalled_subscriber_is_dropped_without_delaying_others(fresh_serve
             await wait_for_subscribers(http, server, 2)
             rounds = 0
             while rounds < max_rounds and await subscriber_count(http, server) == 2:
-                await asyncio.to_thread(create_bulky_model, server, f"round {rounds}")
+                await asyncio.to_thread(create_bulky_model, client, f"round {rounds}")
                 rounds += 1
             count_after = await subscriber_count(http, server)
 
             # One more model ends the reader, which must have kept up throughout.
-            await asyncio.to_thread(create_bulky_model, server, "last")
+            await asyncio.to_thread(create_bulky_model, client, "last")
             events = await reader
         finally:
             stalled.close()
 
-    print(f"\nstalled subscriber dropped after {rounds} models with 1 MB events")
-    assert count_after == 1, f"still subscribed after {rounds} models with 1 MB events"
+    print(f"\nstalled subscriber dropped after {rounds} models with 63 KB events")
+    assert count_after == 1, f"still subscribed after {rounds} models with 63 KB events"
     assert "dropped a lagging event subscriber" in server.log()
     created = [event for event in events if event["type"] == "model.created"]
     assert len(created) == rounds + 1

@@ -341,6 +341,62 @@ def test_store_model_records_round_trip(tmp_path):
     reopened.close()
 
 
+def test_store_writes_out_of_range_seq_id_as_null(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    store, _ = _reopened(path)
+    huge = _stored_job("huge", JobState.SUCCEEDED, finished_ago_s=0, result={})
+    huge.seq_id = 2**70
+    store.save(huge)
+    store.close()
+    store, _ = _reopened(path)
+    store.save(_stored_job("normal", JobState.SUCCEEDED, finished_ago_s=0, result={"value": 1}))
+    store.close()
+
+    reopened, _ = _reopened(path)
+    stored_huge = reopened.load("huge")
+    assert stored_huge is not None
+    assert stored_huge.seq_id is None
+    assert stored_huge.state is JobState.SUCCEEDED
+    assert reopened.load("normal").result == {"value": 1}
+    reopened.close()
+
+
+def test_store_writer_survives_unwritable_records(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    store, _ = _reopened(path)
+    # A model record that is not JSON and a job whose NOT NULL column is missing fail in the writer
+    # thread, the first with TypeError and the second with sqlite3.IntegrityError.
+    store.save_model({"model_id": "model-bad", "tokenizer": object()})
+    broken = _stored_job("broken", JobState.SUCCEEDED, finished_ago_s=0, result={})
+    broken.created_at = None
+    store.save(broken)
+    store.save_model({"model_id": "model-good", "steps": 1})
+    store.save(_stored_job("good", JobState.SUCCEEDED, finished_ago_s=0, result={"value": 1}))
+    _wait_until_written(path, "good")
+    # A record saved after the failures is written too, so the writer thread is still running.
+    store.save(_stored_job("later", JobState.SUCCEEDED, finished_ago_s=0, result={"value": 2}))
+    _wait_until_written(path, "later")
+    store.close()
+
+    reopened, _ = _reopened(path)
+    assert reopened.load_models() == [{"model_id": "model-good", "steps": 1}]
+    assert reopened.load("broken") is None
+    assert reopened.load("good").result == {"value": 1}
+    assert reopened.load("later").result == {"value": 2}
+    reopened.close()
+
+
+def _wait_until_written(path, job_id: str, timeout_s: float = 10.0) -> None:
+    """Poll the database file on a connection of its own until the job's row is committed."""
+    deadline = time.monotonic() + timeout_s
+    with sqlite3.connect(path) as db:
+        while time.monotonic() < deadline:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"job {job_id} was not written to {path} within {timeout_s} s")
+
+
 def test_repair_restores_checkpoint_of_interrupted_overwrite(tmp_path):
     # The folders a crash leaves mid-save are built by hand, since a kill cannot be timed to land
     # between the two renames of an overwrite.

@@ -34,7 +34,9 @@ def _create_model(server, seed: int = 5) -> str:
 
 
 def _submit(server, body: dict) -> httpx.Response:
-    return httpx.post(server.url("/api/v1/jobs"), json=body, timeout=60.0)
+    # json.dumps writes NaN and Infinity as Python's json module reads them, so a test can send them.
+    return httpx.post(server.url("/api/v1/jobs"), content=json.dumps(body),
+                      headers={"Content-Type": "application/json"}, timeout=60.0)
 
 
 def _sft_body(model_id: str, **overrides) -> dict:
@@ -240,6 +242,20 @@ def untrained_model(data_server) -> str:
     ({"dataset": {}}, 400, "dataset"),
     ({"adam": {"beta1": 1.5}}, 400, "adam.beta1"),
     ({"stepz": 3}, 400, "stepz"),
+    ({"batch_size": 1_000_000_000}, 400, "batch_size"),
+    ({"batch_size": 1025}, 400, "batch_size"),
+    ({"steps": 1_000_001}, 400, "steps"),
+    ({"steps": None, "epochs": 10**12}, 400, "epochs"),
+    # 8 rows in batches of 1 for a million epochs make 8 million steps.
+    ({"steps": None, "epochs": 1_000_000}, 400, "epochs"),
+    ({"warmup_steps": 10**12}, 400, "warmup_steps"),
+    ({"save_every": 10**12}, 400, "save_every"),
+    ({"seed": 2**70}, 400, "seed"),
+    ({"learning_rate": 1e300}, 400, "learning_rate"),
+    ({"timeout_s": 1e300}, 400, "timeout_s"),
+    ({"adam": {"eps": 0.0}}, 400, "adam.eps"),
+    ({"dataset": {"path": "ok.jsonl\u0000.txt"}}, 400, "dataset.path"),
+    ({"dataset": {"path": "x" * 5000 + ".jsonl"}}, 400, "dataset.path"),
 ])
 def test_sft_request_validation(data_server, untrained_model, change, status, field):
     body = {**_sft_body(untrained_model), **change}
@@ -248,6 +264,32 @@ def test_sft_request_validation(data_server, untrained_model, change, status, fi
     answer = _submit(data_server, body)
     assert answer.status_code == status, answer.text
     assert answer.json()["field"] == field, answer.json()
+
+
+def test_sft_request_rejects_nan_body(data_server, untrained_model):
+    answer = _submit(data_server, _sft_body(untrained_model, learning_rate=float("nan")))
+    assert answer.status_code == 400, answer.text
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"learning_rate": float("inf")}, "learning_rate"),
+    ({"timeout_s": float("inf")}, "timeout_s"),
+    ({"adam": {"weight_decay": float("inf")}}, "adam.weight_decay"),
+    ({"adam": {"grad_clip_norm": float("nan")}}, "adam.grad_clip_norm"),
+    ({"adam": {"beta1": float("nan")}}, "adam.beta1"),
+])
+def test_sft_schema_rejects_non_finite_floats(change, field):
+    # The HTTP layer already rejects NaN and Infinity in the JSON text, so the schema is checked on
+    # its own here, as a caller that builds the request in Python would use it.
+    from pydantic import ValidationError
+
+    from server.api.sft import SftJobRequest
+
+    with pytest.raises(ValidationError) as caught:
+        SftJobRequest.model_validate({**_sft_body("model-x"), **change})
+    fields = [".".join(str(part) for part in error["loc"]) for error in caught.value.errors()]
+    assert fields == [field]
 
 
 def test_chat_row_trains_only_assistant_tokens(model_cache):
@@ -263,3 +305,46 @@ def test_chat_row_trains_only_assistant_tokens(model_cache):
     trained = [token for token, weight in zip(tokenized.tokens, tokenized.weights) if weight]
     assert tokenizer.decode(trained) == "Paris.<|im_end|>\n"
     assert len(tokenized.weights) == len(tokenized.tokens)
+
+
+def test_batch_order_cycles_rows_past_dataset_size():
+    from server.services.sft import _BatchOrder
+
+    order = _BatchOrder(row_count=3, batch_size=1024, seed=7)
+    first, second = order.next_batch(), order.next_batch()
+
+    assert len(first) == 1024
+    assert len(second) == 1024
+    # 2048 indices are 682 whole epochs and 2 rows of the next, and each epoch is a permutation.
+    indices = first + second
+    for start in range(0, 2046, 3):
+        assert sorted(indices[start:start + 3]) == [0, 1, 2], start
+
+
+def test_batch_order_matches_seeded_epoch_shuffles():
+    import random
+
+    from server.services.sft import _BatchOrder
+
+    order = _BatchOrder(row_count=5, batch_size=3, seed=11)
+    batches = [order.next_batch() for _ in range(5)]
+
+    generator = random.Random(11)
+    expected = []
+    for _ in range(3):
+        epoch = list(range(5))
+        generator.shuffle(epoch)
+        expected += epoch
+    assert [index for batch in batches for index in batch] == expected[:15]
+
+
+def test_batch_order_cost_does_not_grow_with_dataset():
+    from server.services.sft import _BatchOrder
+
+    # 20,000 single-row batches from 200,000 rows take one shuffle here, about 0.2 s, but copying
+    # the rest of the epoch for each batch would take tens of seconds.
+    order = _BatchOrder(row_count=200_000, batch_size=1, seed=0)
+    started = time.perf_counter()
+    for _ in range(20_000):
+        order.next_batch()
+    assert time.perf_counter() - started < 5.0

@@ -8,15 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import jsonify
 
 from ..engine.backend import AdamParams
-from ..services.sft import SftConfig
+from ..services.sft import MAX_SFT_BATCH_SIZE, MAX_SFT_STEPS, SftConfig
 from . import presenters
+from .schemas import Int64, Seconds
 
 _DEFAULT_ADAM = AdamParams()
 
 
 class _StrictModel(BaseModel):
     # Unknown fields are rejected, because a misspelled option would otherwise train with a default.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # NaN and infinity are rejected, because they would poison the weights.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class DatasetSource(_StrictModel):
@@ -27,7 +29,7 @@ class DatasetSource(_StrictModel):
 class SftAdam(_StrictModel):
     beta1: float = Field(_DEFAULT_ADAM.beta1, ge=0, lt=1)
     beta2: float = Field(_DEFAULT_ADAM.beta2, ge=0, lt=1)
-    eps: float = Field(_DEFAULT_ADAM.eps, ge=0)
+    eps: float = Field(_DEFAULT_ADAM.eps, gt=0)  # the update divides by sqrt(v) + eps
     weight_decay: float = Field(_DEFAULT_ADAM.weight_decay, ge=0)
     grad_clip_norm: float = Field(_DEFAULT_ADAM.grad_clip_norm, ge=0)  # 0 = no clipping
 
@@ -36,18 +38,18 @@ class SftJobRequest(_StrictModel):
     kind: Literal["sft"]
     model_id: str = Field(min_length=1)
     dataset: DatasetSource
-    steps: int | None = Field(None, ge=1)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(1e-4, ge=0)
+    steps: int | None = Field(None, ge=1, le=MAX_SFT_STEPS)
+    epochs: int | None = Field(None, ge=1, le=MAX_SFT_STEPS)  # the service also bounds the steps they make to MAX_SFT_STEPS
+    batch_size: int = Field(8, ge=1, le=MAX_SFT_BATCH_SIZE)
+    learning_rate: float = Field(1e-4, ge=0, le=1e3)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    save_every: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_SFT_STEPS)
+    save_every: int = Field(0, ge=0, le=MAX_SFT_STEPS)
     save_on_cancel: bool = False
-    seed: int = 0
+    seed: Int64 = 0
     max_length: int | None = Field(None, ge=2)
     adam: SftAdam = Field(default_factory=SftAdam)
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: Seconds | None = None
 
 
 async def submit_job(services, body: SftJobRequest):

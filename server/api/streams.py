@@ -75,7 +75,8 @@ async def sse_response(
 ) -> Response:
     """Open a `text/event-stream` response of the events that match `event_filter`.
 
-    With `last_event_id`, buffered events after that id come first. A comment line goes out
+    With `last_event_id`, buffered events after that id come first, or a `resync` event when
+    they are no longer buffered or the id comes from an earlier server run. A comment line goes out
     every `heartbeat_s` of silence, so proxies keep the connection open. With
     `end_on_terminal_job`, the stream ends after that job's terminal event.
     """

@@ -248,8 +248,9 @@ class EventHub:
     def subscribe(self, event_filter: EventFilter, *, since: int | None = None) -> Subscription:
         """Subscribe to live events. With `since`, first replay buffered events with id > since.
 
-        When events after `since` have already left the ring buffer, the subscription starts
-        with a `resync` event and continues live.
+        The subscription starts with a `resync` event instead, and then continues live, when
+        events after `since` have already left the ring buffer, or when `since` is larger than
+        the last event id. Ids start at 1 in each server run, so such an id comes from an earlier run.
         """
         if self._loop is None:
             self.bind_loop()
@@ -259,7 +260,9 @@ class EventHub:
             subscription._end_with(shutdown)
             return subscription
 
-        if since is not None and since < self._last_id:
+        if since is not None and since > self._last_id:
+            subscription._replay.append(self._resync_from_earlier_run(since))
+        elif since is not None and since < self._last_id:
             subscription._replay.extend(self._replay_after(since, event_filter))
         self._subscribers[subscription] = None
         return subscription
@@ -358,6 +361,18 @@ class EventHub:
                 replay.append(event)
         replay.reverse()
         return replay
+
+    def _resync_from_earlier_run(self, since: int) -> Event:
+        oldest_id = self._ring[0].id if self._ring else self._last_id + 1
+        return self._control_event(
+            EventType.RESYNC,
+            {
+                "reason": f"event id {since} is past the last event id {self._last_id}, so it "
+                "comes from an earlier server run; reload state through the REST API",
+                "oldest_id": oldest_id,
+            },
+            self._last_id,
+        )
 
     def _coalesce(
         self,

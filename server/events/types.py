@@ -32,7 +32,8 @@ class EventType(str, enum.Enum):
     SERVER_SHUTDOWN = "server.shutdown"
     # The last event of a subscriber whose queue overflowed. The hub then drops it.
     STREAM_LAGGED = "stream.lagged"
-    # The requested replay start is older than the ring buffer: reload state through REST.
+    # The requested replay start is older than the ring buffer, or newer than the last id because it
+    # comes from an earlier server run. Either way the client reloads state through REST.
     RESYNC = "resync"
 
     def __str__(self) -> str:

@@ -12,6 +12,7 @@ and a power loss can roll back the last batches.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
@@ -19,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .record import Job, Progress
 from .states import TERMINAL_STATES, JobState, RESTART_MESSAGE
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 EXPIRED_ID_KEEP_S = 7 * 24 * 3600.0  # how long an expired id is reported as expired, then as not found
 RETRY_DELAY_S = 1.0  # pause before a failed batch is written again
 CLOSE_RETRIES = 3  # failed attempts tolerated while draining on close
+SQLITE_MIN_INTEGER, SQLITE_MAX_INTEGER = -2**63, 2**63 - 1  # SQLite stores integers as signed 64-bit
 
 _TERMINAL = tuple(state.value for state in TERMINAL_STATES)
 
@@ -76,6 +78,9 @@ ON CONFLICT (id) DO UPDATE SET {", ".join(f"{name} = excluded.{name}" for name i
 WHERE jobs.state NOT IN ({", ".join(repr(value) for value in _TERMINAL)})
    OR excluded.state IN ({", ".join(repr(value) for value in _TERMINAL)})
 """
+
+_UPSERT_MODEL = ("INSERT INTO models (model_id, record, updated_at) VALUES (?, ?, ?) "
+                 "ON CONFLICT (model_id) DO UPDATE SET record = excluded.record, updated_at = excluded.updated_at")
 
 
 @dataclass(frozen=True)
@@ -229,12 +234,14 @@ class SqliteJobStore:
                 closing = self._closing
             try:
                 if batch:
-                    self._commit(batch)
+                    self._write_batch(batch)
                 if time.monotonic() - last_sweep >= self.sweep_every_s:
                     self._sweep(time.time())
                     last_sweep = time.monotonic()
                 failures = 0
-            except sqlite3.Error:
+            except Exception:
+                # _write_batch skips records that cannot be written, so what reaches here is a fault
+                # of the database itself, such as a lock or a full disk, and the whole batch is retried.
                 failures += 1
                 self._requeue(batch)
                 if closing and failures >= CLOSE_RETRIES:
@@ -251,19 +258,53 @@ class SqliteJobStore:
             if closing and not self._pending:
                 return
 
+    def _write_batch(self, batch: _Batch) -> None:
+        """Commit a batch in one transaction, or record by record when one of its records fails.
+
+        Raises only for a fault of the database, which the caller retries.
+        """
+        try:
+            self._commit(batch)
+        except Exception as exc:
+            if _is_database_fault(exc):
+                raise
+            logger.warning("store %s: a batch of %d job, %d expiry and %d model records failed (%r), "
+                           "so each record is written on its own", self.path, len(batch.jobs), len(batch.expired),
+                           len(batch.models), exc)
+            self._commit_each(batch)
+
     def _commit(self, batch: _Batch) -> None:
         db = self._write_db
         assert db is not None
         with db:
-            db.executemany(_UPSERT_JOB, [snapshot.row() for snapshot in batch.jobs.values()])
+            db.executemany(_UPSERT_JOB, [_job_row(snapshot) for snapshot in batch.jobs.values()])
             # Expiry comes after the upserts, so a snapshot of the same batch cannot bring a row back.
             expired = list(batch.expired.items())
             db.executemany("INSERT OR IGNORE INTO expired_jobs (id, expired_at) VALUES (?, ?)", expired)
             db.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in expired])
-            db.executemany("INSERT INTO models (model_id, record, updated_at) VALUES (?, ?, ?) "
-                           "ON CONFLICT (model_id) DO UPDATE SET record = excluded.record, "
-                           "updated_at = excluded.updated_at",
+            db.executemany(_UPSERT_MODEL,
                            [(model_id, json.dumps(record), time.time()) for model_id, record in batch.models.items()])
+
+    def _commit_each(self, batch: _Batch) -> None:
+        """Commit each record in its own transaction, logging and skipping a record that fails."""
+        for snapshot in batch.jobs.values():
+            self._commit_record("job", snapshot.job_id, functools.partial(_write_job, snapshot=snapshot))
+        for job_id, expired_at in batch.expired.items():
+            self._commit_record("expiry of job", job_id,
+                                functools.partial(_write_expiry, job_id=job_id, expired_at=expired_at))
+        for model_id, record in batch.models.items():
+            self._commit_record("model", model_id, functools.partial(_write_model, model_id=model_id, record=record))
+
+    def _commit_record(self, kind: str, record_id: str, write: Callable[[sqlite3.Connection], Any]) -> None:
+        db = self._write_db
+        assert db is not None
+        try:
+            with db:
+                write(db)
+        except Exception as exc:
+            if _is_database_fault(exc):
+                raise
+            logger.exception("store %s: %s %s not stored, its record cannot be written", self.path, kind, record_id)
 
     def _requeue(self, batch: _Batch) -> None:
         """Put a failed batch back, under any snapshot saved since, which is newer."""
@@ -303,6 +344,39 @@ class SqliteJobStore:
             if self._read_db is None:
                 return None
             return self._read_db.execute(sql, parameters).fetchone()
+
+
+def _is_database_fault(exc: Exception) -> bool:
+    """Tell a fault of the database (locked, disk full, I/O error, corrupt file) from a bad record.
+
+    A bad record raises OverflowError, TypeError, ValueError, or sqlite3's IntegrityError or
+    ProgrammingError when a value cannot be bound or breaks a constraint.
+    """
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _job_row(snapshot: _JobSnapshot) -> tuple[Any, ...]:
+    """Return the row of a job snapshot, with each integer that SQLite cannot store replaced by NULL."""
+    row = list(snapshot.row())
+    for index, (name, value) in enumerate(zip(_JOB_COLUMNS, row)):
+        if isinstance(value, int) and not SQLITE_MIN_INTEGER <= value <= SQLITE_MAX_INTEGER:
+            logger.warning("job %s: %s %d is outside SQLite's 64-bit integer range, stored as NULL",
+                           snapshot.job_id, name, value)
+            row[index] = None
+    return tuple(row)
+
+
+def _write_job(db: sqlite3.Connection, snapshot: _JobSnapshot) -> None:
+    db.execute(_UPSERT_JOB, _job_row(snapshot))
+
+
+def _write_expiry(db: sqlite3.Connection, job_id: str, expired_at: float) -> None:
+    db.execute("INSERT OR IGNORE INTO expired_jobs (id, expired_at) VALUES (?, ?)", (job_id, expired_at))
+    db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+
+def _write_model(db: sqlite3.Connection, model_id: str, record: dict[str, Any]) -> None:
+    db.execute(_UPSERT_MODEL, (model_id, json.dumps(record), time.time()))
 
 
 def _connect(path: Path) -> sqlite3.Connection:

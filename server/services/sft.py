@@ -47,7 +47,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 CHECKPOINT_PREFIX = "sft-step-"  # checkpoints are named sft-step-<optimizer steps of the model>
 MAX_SFT_STEPS = 1_000_000  # optimizer steps of one job, given as steps or made by epochs
-MAX_SFT_BATCH_SIZE = 1024  # rows per step; a batch larger than the dataset repeats rows
+MAX_SFT_BATCH_SIZE = 1024  # rows per step. A batch larger than the dataset repeats rows
 
 
 @dataclass(frozen=True)

@@ -194,16 +194,45 @@ async def test_replay_interleaved_with_live_publishing_keeps_order():
     assert received == list(range(1, 201))
 
 
-async def test_since_past_last_id_is_live_only():
+async def test_since_at_last_id_is_live_only():
     hub = EventHub()
     publish_started(hub, 3)
 
     at_last = hub.subscribe(EventFilter(), since=3)
-    past_last = hub.subscribe(EventFilter(), since=99)
     publish_started(hub, 1)
 
     assert [event.id for event in await take(at_last, 1)] == [4]
-    assert [event.id for event in await take(past_last, 1)] == [4]
+    await assert_nothing_pending(at_last)
+
+
+async def test_since_past_last_id_starts_with_resync():
+    hub = EventHub()
+    publish_started(hub, 3)
+
+    # Ids restart at 1 with each server run, so an id past the last one comes from an earlier run.
+    past_last = hub.subscribe(EventFilter(job_ids=frozenset({"job-1"})), since=99)
+    publish_started(hub, 1)
+
+    resync, live = await take(past_last, 2)
+    assert resync.type == "resync"
+    assert "earlier server run" in resync.data["reason"]
+    assert resync.data["oldest_id"] == 1
+    assert resync.id == 3  # resuming from here is gap-free
+    assert live.id == 4
+    await assert_nothing_pending(past_last)
+
+
+async def test_since_on_a_hub_without_events_starts_with_resync():
+    hub = EventHub()
+
+    subscription = hub.subscribe(EventFilter(), since=7)
+    publish_started(hub, 1)
+
+    resync, live = await take(subscription, 2)
+    assert resync.type == "resync"
+    assert resync.id == 0
+    assert resync.data["oldest_id"] == 1
+    assert live.id == 1
 
 
 async def test_replay_from_oldest_buffered_id_needs_no_resync():
