@@ -107,3 +107,17 @@ def test_unknown_model_id_is_404_json(server):
     assert body["field"] == "model_id"
     assert "not found" in body["error"]
     assert httpx.get(server.url("/api/v1/healthz")).json() == {"status": "ok"}
+
+
+def test_unnamed_sampler_weights_are_pruned(trained, server):
+    training = trained["training"]
+    prompt = types.ModelInput.from_ints(trained["tokenizer"].encode("Two plus"))
+    params = types.SamplingParams(max_tokens=2, temperature=0.0)
+    samplers = [training.save_weights_and_get_sampling_client() for _ in range(6)]
+    folder = server.storage_dir / "checkpoints" / training.model_id / "sampler_weights"
+    unnamed = [entry for entry in folder.iterdir() if entry.name.startswith("ephemeral-")]
+    assert len(unnamed) == 4
+    assert len(samplers[-1].sample(prompt, 1, params).result().sequences) == 1
+    with pytest.raises(tinker.APIStatusError) as failure:
+        samplers[0].sample(prompt, 1, params).result()
+    assert "were deleted" in str(failure.value)

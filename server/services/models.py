@@ -28,6 +28,9 @@ from .sessions import SessionService
 
 logger = logging.getLogger(__name__)
 
+UNNAMED_SAMPLER_PREFIX = "ephemeral-"  # names of sampler weights saved without a name
+KEEP_UNNAMED_SAMPLERS = 4  # unnamed sampler weights kept per model; older ones are deleted
+
 Present = Callable[[Any], Any]
 
 
@@ -242,14 +245,34 @@ class ModelService:
             path = CheckpointPath(model_id, "sampler_weights", check_name(name))
             return self._save(model, path, seq_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, with_optimizer=False,
                               present=lambda: present({"path": path.uri(), "sampling_session_id": None}))
-        path = CheckpointPath(model_id, "sampler_weights", f"ephemeral-{seq_id or 0:06d}-{uuid.uuid4().hex[:8]}")
+        path = CheckpointPath(model_id, "sampler_weights",
+                              f"{UNNAMED_SAMPLER_PREFIX}{seq_id or 0:06d}-{uuid.uuid4().hex[:8]}")
 
         def answer():
             sampler_id = register_sampler(model.base_model, path)
+            self._prune_unnamed_samplers(model, keep=path)
             return present({"path": None, "sampling_session_id": sampler_id})
 
         return self._save(model, path, seq_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, with_optimizer=False,
                           present=answer)
+
+    def _prune_unnamed_samplers(self, model: TrainingModel, keep: CheckpointPath) -> None:
+        """Delete all but the newest unnamed sampler weights of a model; runs in the worker thread.
+
+        An RL loop saves unnamed sampler weights at every iteration (tens of MB each for SmolLM2), so
+        without pruning the disk fills. Sampling clients on a pruned save get a clear 404.
+        """
+        folder = self.checkpoints.directory(keep).parent
+        unnamed = sorted((entry for entry in folder.glob(f"{UNNAMED_SAMPLER_PREFIX}*") if entry.is_dir()),
+                         key=lambda entry: entry.stat().st_mtime)
+        for entry in unnamed[:-KEEP_UNNAMED_SAMPLERS]:
+            if entry.name == keep.name:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            uri = CheckpointPath(model.model_id, "sampler_weights", entry.name).uri()
+            if uri in model.checkpoints:
+                model.checkpoints.remove(uri)
+            logger.info("model %s: removed unnamed sampler weights %s", model.model_id, entry.name)
 
     def load_weights(self, model_id: str, seq_id: int | None, uri: str, with_optimizer: bool,
                      present: Present) -> Job:

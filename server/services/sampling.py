@@ -74,6 +74,10 @@ class SamplingService:
         if sampler_id:
             sampler = self.get(sampler_id)
             base, adapter_dir, session_id = sampler.base_model, sampler.adapter_dir, sampler.session_id or session_id
+            if adapter_dir is not None and not adapter_dir.is_dir():
+                raise NotFoundError(f"the sampler weights of sampling session {sampler_id} ({sampler.model_path}) "
+                                    "were deleted: only the newest unnamed sampler weights of a model are kept; "
+                                    "save with a name to keep them", field="sampling_session_id")
         else:
             base, adapter_dir = self._resolve_source(base_model, model_path)
         if not prompt:
