@@ -21,7 +21,7 @@ from conftest import API_KEY, TINY, start_server
 SMALL_MICRO_BATCHES = {"TRAINPULSE_MICRO_BATCH_TOKENS": "32"}
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 DATUM_TOKENS = 24
-BIG = 80  # micro-batches of a job that must still be running when the test acts on it
+BIG = 600  # micro-batches of a job that must still be running when the test acts on it (about 15 s on a quiet 2-core machine)
 
 
 def _datum(offset: int = 0, length: int = DATUM_TOKENS) -> dict:
@@ -382,7 +382,7 @@ def test_invalid_body_seq_id_does_not_block_later_ones(api, model_id):
 
 
 def test_retrieve_future_returns_at_job_end(api, model_id):
-    job_id = api.submit(model_id, 6)
+    job_id = api.submit(model_id, 40)  # about 1 s of work on a quiet machine
     api.wait_for(job_id, lambda record: record["state"] == "running", what="running")
     asked = time.time()
     response = api.retrieve(job_id)
