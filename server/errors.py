@@ -40,6 +40,16 @@ class ConflictError(TrainpulseError):
     category = "user"
 
 
+class GoneError(TrainpulseError):
+    """The model's adapter is gone for good (unloaded, failed to create, or lost in a restart).
+
+    410 rather than 409, because the tinker SDK retries a 409 without end.
+    """
+
+    status = 410
+    category = "user"
+
+
 class QueueFullError(TrainpulseError):
     """Too many jobs are queued; the client should retry after `retry_after_s`."""
 

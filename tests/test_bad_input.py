@@ -143,7 +143,7 @@ def test_failed_create_model_reports_failure(http, session_id, tmp_path):
     failed = _wait(http, created.json()["request_id"]).json()
     assert "error" in failed
     info = http.post("/api/v1/get_info", json={"model_id": created.json()["model_id"]})
-    body = _assert_field(info, 409, "model_id")
+    body = _assert_field(info, 410, "model_id")
     assert "could not be created" in body["error"]
 
 

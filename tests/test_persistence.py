@@ -162,7 +162,7 @@ def test_restored_model_listed_as_not_loaded(restarted):
 
 def test_restored_model_rejects_training(restarted):
     response = httpx.post(restarted["server"].url("/api/v1/get_info"), json={"model_id": restarted["model_id"]})
-    assert response.status_code == 409
+    assert response.status_code == 410
     assert "earlier server run" in response.json()["error"]
 
 

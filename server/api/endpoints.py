@@ -32,6 +32,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("list_models", "GET", "/models", models.list_models),
     Endpoint("get_model", "GET", "/models/<model_id>", models.get_model),
     Endpoint("metric_history", "GET", "/models/<model_id>/metrics", models.metric_history),
+    Endpoint("weights_info", "POST", "/weights_info", models.weights_info, schemas.WeightsInfoRequest),
     Endpoint("list_checkpoints", "GET", "/training_runs/<model_id>/checkpoints", models.list_checkpoints),
     # Training
     Endpoint("forward", "POST", "/forward", training.forward, schemas.ForwardRequest, job=True,

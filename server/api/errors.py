@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from quart import Quart, jsonify, request
+from quart import Quart, has_request_context, has_websocket_context, jsonify, request, websocket
 from werkzeug.exceptions import HTTPException
 
-from ..errors import QueueFullError, TrainpulseError
+from ..errors import ConflictError, QueueFullError, TrainpulseError
 
 logger = logging.getLogger(__name__)
 
@@ -31,20 +31,33 @@ def validation_error_body(exc: ValidationError) -> dict[str, Any]:
     return body
 
 
+def _method_and_path() -> tuple[str, str]:
+    """Name the failing request for the log; a WebSocket handshake has no HTTP request object."""
+    if has_request_context():
+        return request.method, request.path
+    if has_websocket_context():
+        return "WEBSOCKET", websocket.path
+    return "-", "-"
+
+
 def install(app: Quart) -> None:
     @app.errorhandler(TrainpulseError)
     async def _trainpulse_error(exc: TrainpulseError):
-        logger.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        logger.info("%s %s -> %d: %s", *_method_and_path(), exc.status, exc.message)
         response = jsonify(error_body(exc.message, exc.category, exc.status, exc.field))
         response.status_code = exc.status
         if isinstance(exc, QueueFullError):
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        if isinstance(exc, ConflictError):
+            # Stops the SDK's HTTP-level retries of a 409 that never clears (a reused seq_id). Its
+            # outer retry loop still retries every 409, which is why lost models answer 410.
+            response.headers["x-should-retry"] = "false"
         return response
 
     @app.errorhandler(ValidationError)
     async def _validation_error(exc: ValidationError):
         body = validation_error_body(exc)
-        logger.info("%s %s -> 400: %s", request.method, request.path, body["error"])
+        logger.info("%s %s -> 400: %s", *_method_and_path(), body["error"])
         response = jsonify(body)
         response.status_code = 400
         return response
@@ -64,7 +77,7 @@ def install(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception):
-        logger.exception("unexpected error on %s %s", request.method, request.path)
+        logger.exception("unexpected error on %s %s", *_method_and_path())
         response = jsonify(error_body(f"internal server error: {type(exc).__name__}: {exc}", "server", 500))
         response.status_code = 500
         return response

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from quart import request
 
 from ..errors import UserError
@@ -30,8 +32,15 @@ async def list_jobs(services, body) -> dict:
                         f"{', '.join(state.value for state in JobState)}", field="state")
     limit = _int_arg(args, "limit", 50, 1, MAX_PAGE)
     offset = _int_arg(args, "offset", 0, 0, 10**9)
-    jobs = services.jobs.list_jobs(model_id=args.get("model") or None, session_id=args.get("session") or None,
-                                   states=states, kind=args.get("kind") or None)
+    filters = {"model_id": args.get("model") or None, "session_id": args.get("session") or None,
+               "states": states, "kind": args.get("kind") or None}
+    jobs = services.jobs.list_jobs(**filters)
+    if services.store is not None:
+        # Jobs of earlier server runs live only in the database until their retention ends.
+        in_memory = {job.id for job in jobs}
+        stored = await asyncio.to_thread(services.store.list_jobs, limit=offset + limit, **filters)
+        jobs = sorted([*jobs, *(job for job in stored if job.id not in in_memory)],
+                      key=lambda job: job.created_at, reverse=True)
     page = jobs[offset:offset + limit]
     return {"jobs": [presenters.job_record(job, services.jobs.queue_position(job)) for job in page],
             "total": len(jobs), "limit": limit, "offset": offset}

@@ -65,3 +65,11 @@ async def metric_history(services, body, model_id: str) -> dict:
     except ValueError:
         raise UserError(f"invalid max_points {args.get('max_points')!r}: expected an integer", field="max_points") from None
     return services.history.series(model_id, name, max_points)
+
+
+async def weights_info(services, body) -> dict:
+    """Describe a checkpoint so the SDK can build a matching model (create_training_client_from_state)."""
+    _, metadata = services.checkpoints.resolve(body.tinker_path, field="tinker_path")
+    return {"base_model": metadata["base_model"], "is_lora": True, "lora_rank": metadata.get("lora_rank"),
+            "train_attn": metadata.get("train_attn"), "train_mlp": metadata.get("train_mlp"),
+            "train_unembed": metadata.get("train_unembed")}

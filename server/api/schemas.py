@@ -70,6 +70,10 @@ class CreateModelRequest(WireModel):
     lora_config: LoraConfig | None = None
 
 
+class WeightsInfoRequest(WireModel):
+    tinker_path: str = Field(min_length=1)
+
+
 class ModelRequest(WireModel):
     model_id: str
 

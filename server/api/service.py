@@ -27,7 +27,8 @@ async def status(services, body) -> dict:
     return {
         "status": "ok",
         "uptime_s": round(time.time() - services.jobs.started_at, 3),
-        "models_loaded": sum(1 for model in services.models.all() if not model.unloaded),
+        "models_loaded": sum(1 for model in services.models.all()
+                             if not (model.unloaded or model.restored or model.failure)),
         "jobs": counts,
         "jobs_running": counts["running"],
         "jobs_queued": counts["queued"],

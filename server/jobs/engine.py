@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Protocol
 from ..errors import ConflictError, JobCancelledError, NotFoundError, QueueFullError, TrainpulseError
 from .lanes import Lane
 from .record import Job
-from .states import TERMINAL_STATES, JobState, Phase
+from .states import SHUTDOWN_MESSAGE, TERMINAL_STATES, JobState, Phase
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class JobEngine:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="trainpulse-job-sweeper")
 
     async def stop(self) -> None:
-        """Stop accepting work: queued jobs end cancelled, running ones are asked to stop."""
+        """Stop accepting work: queued jobs end cancelled, running ones stop and end failed."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         for timer in self._gap_timers.values():
@@ -90,7 +90,7 @@ class JobEngine:
             if job.state is JobState.QUEUED:
                 self._finish(job, JobState.CANCELLED, error=_error("the server is shutting down", "server"))
             elif job.state is JobState.RUNNING:
-                self._request_stop(job, JobState.CANCELLED)
+                self._request_stop(job, JobState.FAILED)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5.0)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -246,6 +246,7 @@ class JobEngine:
     def _mark_running(self, job: Job) -> None:
         now = time.time()
         job.state = JobState.RUNNING
+        job.phase = Phase.STARTED
         job.started_at = now
         job.updated_at = now
         self._running.add(job)
@@ -280,6 +281,8 @@ class JobEngine:
         if phase != job.phase:
             job.phase = phase
             self._emit("job.phase", job, {"phase": phase})
+            # Saved on phase changes only: a record of a killed server then shows how far the job got.
+            self._save(job)
         job.progress.completed = completed
         job.progress.total = total
         fraction = job.progress.fraction
@@ -302,6 +305,8 @@ class JobEngine:
     def _finish_stopped(self, job: Job) -> None:
         if job.stop_reason is JobState.TIMED_OUT:
             self._finish(job, JobState.TIMED_OUT, error=_timed_out_error(job))
+        elif job.stop_reason is JobState.FAILED:
+            self._finish(job, JobState.FAILED, error=_error(SHUTDOWN_MESSAGE, "server"))
         else:
             self._finish(job, JobState.CANCELLED, error=_error(f"job {job.id} was cancelled", "user"))
 

@@ -32,6 +32,7 @@ class JobKind(str, Enum):
 
 class Phase:
     QUEUED = "queued"
+    STARTED = "started"
     PREPARING = "preparing batch"
     FORWARD = "forward"
     BACKWARD = "backward"
@@ -42,4 +43,5 @@ class Phase:
     DONE = "done"
 
 
+SHUTDOWN_MESSAGE = "the server shut down while this job was running; submit it again"
 RESTART_MESSAGE = "the server restarted while this job was queued or running; submit it again"

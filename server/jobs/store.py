@@ -339,6 +339,29 @@ class SqliteJobStore:
             logger.info("store %s: %d finished jobs passed the %.0f s retention and were deleted",
                         self.path, deleted, self.retention_s)
 
+    def list_jobs(self, *, model_id: str | None = None, session_id: str | None = None,
+                  states: set[str] | None = None, kind: str | None = None, limit: int = 1000) -> list[Job]:
+        """Read written job records, newest first, without their results (blocking: call from a thread).
+
+        Saves still waiting for the writer are not included; callers merge them from memory.
+        """
+        clauses, parameters = [], []
+        for column, value in (("model_id", model_id), ("session_id", session_id), ("kind", kind)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                parameters.append(value)
+        if states:
+            clauses.append(f"state IN ({', '.join('?' for _ in states)})")
+            parameters.extend(sorted(states))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        columns = [name if name != "result" else "NULL AS result" for name in _JOB_COLUMNS]
+        sql = f"SELECT {', '.join(columns)} FROM jobs {where} ORDER BY created_at DESC LIMIT ?"
+        with self._read_lock:
+            if self._read_db is None:
+                return []
+            rows = self._read_db.execute(sql, (*parameters, limit)).fetchall()
+        return [_job_from_row(dict(zip(_JOB_COLUMNS, row))) for row in rows]
+
     def _read_one(self, sql: str, parameters: tuple[Any, ...]) -> tuple[Any, ...] | None:
         with self._read_lock:
             if self._read_db is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..engine.backend import AdamParams, Backend, Example, LoraSpec, ModelInfo
-from ..errors import ConflictError, NotFoundError, UserError
+from ..errors import ConflictError, GoneError, NotFoundError, UserError
 from ..jobs.engine import JobEngine
 from ..jobs.record import Job
 from ..jobs.states import JobKind, Phase
@@ -97,9 +97,9 @@ class ModelService:
         if model is None:
             raise NotFoundError(f"model {model_id} not found; create it with create_model", field="model_id")
         if model.failure is not None:
-            raise ConflictError(f"model {model_id} could not be created: {model.failure}", field="model_id")
+            raise GoneError(f"model {model_id} could not be created: {model.failure}", field="model_id")
         if model.unloaded:
-            raise ConflictError(f"model {model_id} was unloaded", field="model_id")
+            raise GoneError(f"model {model_id} was unloaded", field="model_id")
         return model
 
     def known(self, model_id: str) -> TrainingModel:
@@ -115,7 +115,7 @@ class ModelService:
     def info(self, model_id: str) -> TrainingModel:
         model = self.get(model_id)
         if model.restored:
-            raise ConflictError(f"model {model_id} was created by an earlier server run and its adapter is no "
+            raise GoneError(f"model {model_id} was created by an earlier server run and its adapter is no "
                                 "longer in memory; create a new model and load one of its checkpoints with "
                                 "load_weights", field="model_id")
         if model.info is None:
@@ -311,7 +311,9 @@ class ModelService:
         # The metadata lists the checkpoint, so the tensors must be on disk before it is written.
         sync_folder(directory)
         self.checkpoints.write_metadata(path, {"model_id": model.model_id, "base_model": model.base_model,
-                                               "lora_rank": model.lora.rank, "kind": path.kind,
+                                               "lora_rank": model.lora.rank, "train_attn": model.lora.train_attn,
+                                               "train_mlp": model.lora.train_mlp,
+                                               "train_unembed": model.lora.train_unembed, "kind": path.kind,
                                                "name": path.name, "steps": model.steps,
                                                "with_optimizer": with_optimizer})
         if path.uri() not in model.checkpoints:
