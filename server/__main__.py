@@ -1,7 +1,7 @@
 """The trainpulse command line.
 
     trainpulse serve [--host 127.0.0.1] [--port 8000] [--storage-dir var] [--models a,b] [--log-level INFO]
-    trainpulse demo  [--port 8000] [--steps 40]   # server + examples/sft.py, dashboard URL printed
+    trainpulse demo  [--port 8000] [--steps 30]   # server + examples/sft.py, dashboard URL printed
 
 Every flag also reads from TRAINPULSE_<NAME> (for example TRAINPULSE_PORT); flags win.
 """
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_server_flags(serve_parser)
     demo_parser = commands.add_parser("demo", help="run the server and the SFT example against it")
     _add_server_flags(demo_parser)
-    demo_parser.add_argument("--steps", type=int, default=40, help="optimizer steps of the SFT example")
+    demo_parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the SFT example")
     demo_parser.add_argument("--exit-after", action="store_true", help="stop the server when the example ends")
     args = parser.parse_args(argv)
 
