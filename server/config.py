@@ -18,7 +18,7 @@ class Settings:
     models: tuple[str, ...] = ("HuggingFaceTB/SmolLM2-135M-Instruct", "trainpulse/tiny-llama")  # catalogue shown to clients
     api_key: str | None = None  # when set, requests must carry it in X-API-Key
     log_level: str = "INFO"
-    worker_threads: int = 4  # threads that run model work
+    worker_threads: int = 8  # threads that run model work; concurrent sample requests batch up to this many
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward micro-batch
     job_timeout_s: float = 3600.0  # default deadline of a job, from submission
     retention_s: float = 3600.0  # how long a finished job's result stays readable

@@ -2,7 +2,9 @@
 
 Each base model is loaded once and wrapped by one `peft.PeftModel`. Every training model is a
 named adapter on it, and every loaded sampler checkpoint is another. Calls on one base hold that
-base's lock, because the active adapter is state of the shared peft model.
+base's lock, because the active adapter is state of the shared peft model. Sample calls that
+wait for the lock meanwhile join a queue, and whoever takes the lock next decodes all waiting
+calls on the same sampler adapter in one batch.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from server.engine.backend import (
 )
 from server.engine.batching import pad_micro_batch, plan_micro_batches
 from server.engine.losses import compute_loss, resolve_config, validate_examples
-from server.engine.sampling import generate, validate_request
+from server.engine.sampling import SampleQueue, SampleRequest, generate, generate_batch, validate_request
 from server.errors import ConflictError, JobCancelledError, NotFoundError, UserError
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _SAFE_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# How often a queued sample call checks whether a batch led by another thread has finished it.
+_TURN_POLL_S = 0.005
 
 
 @dataclass(eq=False)
@@ -53,6 +57,9 @@ class _Base:
     # Loaded sampler checkpoints, least recently used first: (folder, weights mtime) -> adapter name.
     samplers: OrderedDict[tuple[str, int], str] = field(default_factory=OrderedDict)
     tokenizer: Any = None
+    # Guards `tokenizer` alone, so that loading it never waits for a decode running under `lock`.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    sample_queue: SampleQueue = field(default_factory=SampleQueue)
 
 
 @dataclass(eq=False)
@@ -68,10 +75,11 @@ class _TrainingModel:
 
 class TorchBackend:
     def __init__(self, resolve_model: Callable[[str], ModelSpec], *, micro_batch_tokens: int = 4096,
-                 max_loaded_samplers: int = 8) -> None:
-        if micro_batch_tokens < 1 or max_loaded_samplers < 1:
-            raise ValueError("micro_batch_tokens and max_loaded_samplers must be at least 1")
+                 max_loaded_samplers: int = 8, max_batch_sequences: int = 32) -> None:
+        if micro_batch_tokens < 1 or max_loaded_samplers < 1 or max_batch_sequences < 1:
+            raise ValueError("micro_batch_tokens, max_loaded_samplers and max_batch_sequences must be at least 1")
         self._resolve_model = resolve_model
+        self._max_batch_sequences = max_batch_sequences
         self._micro_batch_tokens = micro_batch_tokens
         self._max_loaded_samplers = max_loaded_samplers
         # Guards the registries below. It is never held while waiting for a base lock, because
@@ -265,17 +273,49 @@ class TorchBackend:
 
         Sampler adapters are copies loaded from disk, so training the model that saved them
         does not change them. Up to `max_loaded_samplers` stay loaded per base, least recently
-        used evicted first.
+        used evicted first. Calls without prompt logprobs that wait for the base at the same
+        time, on the same adapter, decode in one batch of up to `max_batch_sequences` samples.
         """
         with self._lock:
             base = self._get_base(base_model)
         validate_request(prompt, num_samples, params, topk_prompt_logprobs, base.vocab_size, base.max_context)
         decode = self._decoder(base) if params.stop_strings else None
+        adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
 
-        with base.lock:
-            with self._sampling_model(base, Path(adapter_dir) if adapter_dir is not None else None) as model:
-                return generate(model, prompt, num_samples, params, prompt_logprobs, topk_prompt_logprobs,
-                                decode, progress)
+        if prompt_logprobs or topk_prompt_logprobs:
+            with base.lock:
+                with self._sampling_model(base, adapter_dir) as model:
+                    return generate(model, prompt, num_samples, params, prompt_logprobs, topk_prompt_logprobs,
+                                    decode, progress)
+
+        adapter_key = str(adapter_dir.resolve()) if adapter_dir is not None else None
+        request = SampleRequest(prompt, num_samples, params, decode, progress, adapter_key)
+        base.sample_queue.put(request)
+        # The lock is polled rather than waited for, because a thread that holds it may finish
+        # this request in its batch, and this thread must then return without waiting any longer.
+        while not request.done.is_set():
+            if base.lock.acquire(timeout=_TURN_POLL_S):
+                try:
+                    self._decode_batch(base, adapter_dir, request)
+                finally:
+                    base.lock.release()
+        return request.outcome()
+
+    def _decode_batch(self, base: _Base, adapter_dir: Path | None, first: SampleRequest) -> None:
+        """Decode `first` with the waiting requests that can join it. Needs base.lock."""
+        batch = base.sample_queue.take_batch(first, self._max_batch_sequences)
+        if not batch:
+            return
+        if len(batch) > 1:
+            logger.debug("sampling %d requests in one batch on %s", len(batch), base.spec.name)
+        try:
+            with self._sampling_model(base, adapter_dir) as model:
+                generate_batch(model, batch)
+        except BaseException as error:
+            # The other requests' threads wait for their results, so every request must end here.
+            for request in batch:
+                if not request.done.is_set():
+                    request.finish(error=error)
 
     @contextlib.contextmanager
     def _sampling_model(self, base: _Base, adapter_dir: Path | None) -> Iterator[torch.nn.Module]:
@@ -327,7 +367,7 @@ class TorchBackend:
         return adapter
 
     def _decoder(self, base: _Base) -> Callable[[list[int]], str]:
-        with base.lock:
+        with base.tokenizer_lock:
             if base.tokenizer is None:
                 base.tokenizer = AutoTokenizer.from_pretrained(str(base.spec.tokenizer_dir), local_files_only=True)
             tokenizer = base.tokenizer
