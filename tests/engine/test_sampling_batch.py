@@ -20,13 +20,6 @@ from server.errors import JobCancelledError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Catalogue:
-    catalogue = Catalogue(tmp_path_factory.mktemp("catalogue"))
-    catalogue.resolve(TINY_NAME)
-    return catalogue
-
-
 @pytest.fixture
 def backend(catalogue: Catalogue) -> TorchBackend:
     return TorchBackend(catalogue.resolve)

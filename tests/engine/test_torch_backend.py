@@ -19,13 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Catalogue:
-    catalogue = Catalogue(tmp_path_factory.mktemp("catalogue"))
-    catalogue.resolve(TINY_NAME)
-    return catalogue
-
-
-@pytest.fixture(scope="session")
 def reference_model(catalogue: Catalogue):
     return AutoModelForCausalLM.from_pretrained(str(catalogue.resolve(TINY_NAME).model_dir), dtype=torch.float32).eval()
 
