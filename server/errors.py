@@ -1,6 +1,6 @@
 """The exception root of the server. Each class carries its HTTP status and error category.
 
-The API layer maps these to JSON answers in one place; a job that raises one ends `failed`
+The API layer maps these to JSON responses in one place; a job that raises one ends `failed`
 with the class's category. Any other exception is a server fault (category `server`).
 """
 

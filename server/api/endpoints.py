@@ -1,6 +1,6 @@
 """Every HTTP and WebSocket route of the server, in one table.
 
-Paths are relative to /api/v1. A `job` endpoint answers {request_id} at once and runs as a
+Paths are relative to /api/v1. A `job` endpoint returns {request_id} at once and runs as a
 background job; an `ordered` one carries a model seq_id that its lane must see even when the
 request is rejected.
 """

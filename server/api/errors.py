@@ -1,4 +1,4 @@
-"""The one place where exceptions become HTTP answers."""
+"""The one place where exceptions become HTTP responses."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def install(app: Quart) -> None:
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
         if isinstance(exc, ConflictError):
             # Stops the SDK's HTTP-level retries of a 409 that never clears (a reused seq_id). Its
-            # outer retry loop still retries every 409, which is why lost models answer 410.
+            # outer retry loop still retries every 409, which is why lost models return 410.
             response.headers["x-should-retry"] = "false"
         return response
 

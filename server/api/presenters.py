@@ -73,7 +73,7 @@ def loaded_weights(uri: str) -> dict[str, Any]:
 
 
 def future_outcome(job: Job) -> tuple[dict[str, Any], int]:
-    """Answer retrieve_future for a job: its result, its error, or try-again (408) while unfinished."""
+    """Build the retrieve_future response for a job: its result, its error, or try-again (408) while unfinished."""
     if job.state is JobState.SUCCEEDED:
         return job.result, 200
     if job.is_terminal:

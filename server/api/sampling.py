@@ -19,7 +19,12 @@ async def get_sampler(services, body, sampler_id: str) -> dict:
 
 async def sample(services, body):
     wire = body.sampling_params
-    stop = wire.stop if isinstance(wire.stop, list) else ([wire.stop] if wire.stop else [])
+    if isinstance(wire.stop, list):
+        stop = wire.stop
+    elif wire.stop:
+        stop = [wire.stop]
+    else:
+        stop = []
     params = SamplingParams(
         max_tokens=wire.max_tokens or DEFAULT_MAX_TOKENS, temperature=wire.temperature, top_p=wire.top_p,
         top_k=wire.top_k, seed=wire.seed,

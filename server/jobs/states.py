@@ -1,4 +1,4 @@
-"""Job states, kinds and phases: the names that go straight into JSON answers and events."""
+"""Job states, kinds and phases: the names that go straight into JSON responses and events."""
 
 from __future__ import annotations
 
